@@ -1,0 +1,31 @@
+# Two entry points, both self-contained on a fresh machine:
+#   make demo   set up .venv and run the main job on the model that ships with the package
+#   make test   set up .venv and run lint + the test suite (what CI runs)
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+STAMP   = $(VENV)/.installed
+
+.PHONY: demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/tvm-qmfrg analyze
+
+lint: $(STAMP)
+	$(BIN)/ruff check tvm_qmfrg passes targets tests benchmarks
+	$(BIN)/ruff format --check --quiet tvm_qmfrg passes targets tests benchmarks
+
+test: lint
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_spectral.py
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache .hypothesis

@@ -1,0 +1,47 @@
+"""One exception family for the whole toolkit.
+
+Every error a user can cause (bad model file, unusable weights, out-of-range option,
+graph the pass cannot handle) is a :class:`QMFRGError`; the CLI turns it into one readable
+line and a non-zero exit code. Messages name the model, the node and the reason.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class QMFRGError(Exception):
+    """Base class of every error raised on purpose by tvm_qmfrg."""
+
+
+class ModelError(QMFRGError):
+    """The model file is missing, unreadable, not ONNX, or structurally invalid."""
+
+
+class WeightError(QMFRGError, ValueError):
+    """A weight tensor is empty, all zero, or holds NaN/Inf."""
+
+
+class OptionError(QMFRGError, ValueError):
+    """An option is out of range or unknown."""
+
+
+class GraphError(QMFRGError):
+    """The graph has a form the pass cannot handle (e.g. dynamic shapes)."""
+
+
+def check_weight(array: np.ndarray, what: str, *, allow_zero: bool = False) -> np.ndarray:
+    """Return ``array`` as float64 after checking it is usable as an operator weight.
+
+    Raises :class:`WeightError` naming ``what`` when the array is empty, holds NaN/Inf,
+    or (unless ``allow_zero``) is all zero.
+    """
+    arr = np.asarray(array, dtype=np.float64)
+    if arr.size == 0:
+        raise WeightError(f"{what} is empty (shape {tuple(arr.shape)})")
+    if not np.all(np.isfinite(arr)):
+        bad = int(np.count_nonzero(~np.isfinite(arr)))
+        raise WeightError(f"{what} holds {bad} NaN/Inf value(s)")
+    if not allow_zero and not np.any(arr):
+        raise WeightError(f"{what} is all zero, so it has no spectrum")
+    return arr

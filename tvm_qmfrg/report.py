@@ -1,0 +1,90 @@
+"""Human- and machine-readable output: aligned text tables and atomic JSON files."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+
+from .analysis import ModelAnalysis
+
+
+def write_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temp file in the same folder and a rename.
+
+    A crash or error leaves either the old file or none, never a partial one.
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    write_atomic(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """Left-aligned text columns, numbers right-aligned, separated by two spaces."""
+    cells = [[_cell(v) for v in row] for row in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+    numeric = [
+        all(isinstance(r[i], (int, float)) or r[i] is None for r in rows)
+        for i in range(len(headers))
+    ]
+
+    def line(values: Sequence[str]) -> str:
+        parts = [v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)]
+        return "  ".join(parts).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line(headers), rule] + [line(r) for r in cells])
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def analysis_table(analysis: ModelAnalysis) -> str:
+    """The per-operator table printed by ``tvm-qmfrg analyze``."""
+    headers = [
+        "operator",
+        "kind",
+        "shape",
+        "eff.rank",
+        "stable",
+        "nearest (FS)",
+        "d_FS",
+        "nearest (W2)",
+        "W2",
+        f"pairs<={analysis.epsilon:g}",
+    ]
+    rows = []
+    for op in analysis.operators:
+        rows.append(
+            [
+                op.name,
+                op.kind if op.groups == 1 else f"{op.kind}/g{op.groups}",
+                "x".join(map(str, op.shape)),
+                op.effective_rank,
+                op.stable_rank,
+                op.nearest_fs,
+                op.fs_distance,
+                op.nearest_w2,
+                op.w2_distance,
+                f"{op.close_pairs}/{op.channel_pairs}",
+            ]
+        )
+    return format_table(headers, rows)
