@@ -76,6 +76,22 @@ class GraphBuilder:
         var = self.const((0.5 + self.rng.random(c)).astype(np.float32), "bn_v")
         return self.node("BatchNormalization", [x, gamma, beta, mean, var], "bn", epsilon=1e-5)
 
+    def constant(self, array: np.ndarray, prefix: str = "c") -> str:
+        """A ``Constant`` node (for shapes and scalars, as PyTorch exports them)."""
+        out = self.fresh(prefix)
+        self.nodes.append(helper.make_node(
+            "Constant", [], [out], name=out, value=numpy_helper.from_array(np.asarray(array))))
+        return out
+
+    def conv_bn(self, x: str, cin: int, cout: int, k: int = 3, stride: int = 1,
+                groups: int = 1, act: str | None = "Relu") -> str:
+        y = self.batchnorm(self.conv(x, cin, cout, k, stride, groups), cout)
+        if act == "Relu":
+            y = self.node("Relu", [y])
+        elif act == "Relu6":
+            y = self.node("Clip", [y, self.constant(np.float32(0)), self.constant(np.float32(6))])
+        return y
+
     def dense(self, x: str, cin: int, cout: int, bias: bool = True) -> str:
         y = self.node(
             "MatMul",
@@ -134,3 +150,95 @@ def mlp(seed: int = 0, sizes: tuple[int, ...] = (32, 64, 48, 10)) -> onnx.ModelP
             x = g.node("Relu", [x])
     g.rename_output(x, "output")
     return g.model({"input": [1, sizes[0]]}, {"output": [1, sizes[-1]]})
+
+
+def resnet_cifar(seed: int = 0, widths: tuple[int, ...] = (8, 16, 32, 64), blocks: int = 2,
+                 image: int = 16, classes: int = 10) -> onnx.ModelProto:
+    """ResNet-18-style: basic blocks with residual adds, strided 1x1 shortcuts, GAP, Gemm."""
+    g = GraphBuilder("resnet_cifar", seed)
+    x = g.conv_bn("input", 3, widths[0])
+    cin = widths[0]
+    for stage, cout in enumerate(widths):
+        for b in range(blocks):
+            stride = 2 if stage > 0 and b == 0 else 1
+            y = g.conv_bn(x, cin, cout, stride=stride)
+            y = g.conv_bn(y, cout, cout, act=None)
+            short = x if stride == 1 and cin == cout else g.conv_bn(x, cin, cout, 1, stride, act=None)
+            x = g.node("Relu", [g.node("Add", [y, short])])
+            cin = cout
+    x = g.node("Flatten", [g.node("GlobalAveragePool", [x])], axis=1)
+    y = g.node("Gemm", [x, g.const(g.randn(classes, cin), "fc_w"),
+                        g.const(g.randn(classes, scale=0.1), "fc_b")], "gemm", transB=1)
+    g.rename_output(y, "logits")
+    return g.model({"input": [1, 3, image, image]}, {"logits": [1, classes]})
+
+
+def mobilenet_v2(seed: int = 0, image: int = 16, classes: int = 10) -> onnx.ModelProto:
+    """MobileNetV2-style: inverted residuals (1x1 expand, depthwise 3x3, 1x1 project), ReLU6."""
+    g = GraphBuilder("mobilenet_v2", seed)
+    x = g.conv_bn("input", 3, 8, stride=2, act="Relu6")
+    cin = 8
+    for cout, expand, stride in ((8, 3, 1), (12, 4, 2), (12, 4, 1), (16, 4, 1)):
+        hidden = cin * expand
+        y = g.conv_bn(x, cin, hidden, k=1, act="Relu6")
+        y = g.conv_bn(y, hidden, hidden, stride=stride, groups=hidden, act="Relu6")
+        y = g.conv_bn(y, hidden, cout, k=1, act=None)
+        x = g.node("Add", [x, y]) if stride == 1 and cin == cout else y
+        cin = cout
+    x = g.conv_bn(x, cin, 32, k=1, act="Relu6")
+    x = g.node("Flatten", [g.node("GlobalAveragePool", [x])], axis=1)
+    y = g.node("Gemm", [x, g.const(g.randn(classes, 32), "fc_w"),
+                        g.const(g.randn(classes, scale=0.1), "fc_b")], "gemm", transB=1)
+    g.rename_output(y, "logits")
+    return g.model({"input": [1, 3, image, image]}, {"logits": [1, classes]})
+
+
+def vgg(seed: int = 0, image: int = 16, classes: int = 10) -> onnx.ModelProto:
+    """VGG-style plain net: conv-BN-ReLU pairs, max pooling, flatten into two dense layers."""
+    g = GraphBuilder("vgg", seed)
+    x, cin = "input", 3
+    for cout in (8, 16):
+        x = g.conv_bn(g.conv_bn(x, cin, cout), cout, cout)
+        x = g.node("MaxPool", [x], "pool", kernel_shape=[2, 2], strides=[2, 2])
+        cin = cout
+    side = image // 4
+    x = g.node("Flatten", [x], axis=1)
+    x = g.node("Relu", [g.dense(x, cin * side * side, 32)])
+    y = g.dense(x, 32, classes)
+    g.rename_output(y, "logits")
+    return g.model({"input": [1, 3, image, image]}, {"logits": [1, classes]})
+
+
+def bert_encoder(seed: int = 0, layers: int = 2, d_model: int = 32, heads: int = 4,
+                 d_ff: int = 64, seq: int = 8) -> onnx.ModelProto:
+    """BERT-style encoder on embeddings ``(1, seq, d_model)``: multi-head self-attention,
+    residual + LayerNorm, erf-GELU feed-forward."""
+    g = GraphBuilder("bert_encoder", seed)
+    dh = d_model // heads
+    x = "input"
+
+    def layer_norm(t: str) -> str:
+        gamma = g.const((1 + 0.1 * g.rng.standard_normal(d_model)).astype(np.float32), "ln_g")
+        beta = g.const((0.1 * g.rng.standard_normal(d_model)).astype(np.float32), "ln_b")
+        return g.node("LayerNormalization", [t, gamma, beta], "ln", axis=-1, epsilon=1e-5)
+
+    split = g.constant(np.array([1, seq, heads, dh], dtype=np.int64), "shape")
+    merge = g.constant(np.array([1, seq, d_model], dtype=np.int64), "shape")
+    for _ in range(layers):
+        q, k, v = (g.node("Reshape", [g.dense(x, d_model, d_model), split]) for _ in range(3))
+        q = g.node("Transpose", [q], perm=[0, 2, 1, 3])
+        k = g.node("Transpose", [k], perm=[0, 2, 3, 1])
+        v = g.node("Transpose", [v], perm=[0, 2, 1, 3])
+        scores = g.node("Div", [g.node("MatMul", [q, k]),
+                                g.constant(np.float32(np.sqrt(dh)))])
+        probs = g.node("Softmax", [scores], axis=-1)
+        ctx = g.node("Transpose", [g.node("MatMul", [probs, v])], perm=[0, 2, 1, 3])
+        attn = g.dense(g.node("Reshape", [ctx, merge]), d_model, d_model)
+        x = layer_norm(g.node("Add", [x, attn]))
+        h = g.dense(x, d_model, d_ff)
+        erf = g.node("Erf", [g.node("Div", [h, g.constant(np.float32(np.sqrt(2.0)))])])
+        gelu = g.node("Mul", [g.node("Mul", [h, g.node("Add", [erf, g.constant(np.float32(1))])]),
+                              g.constant(np.float32(0.5))])
+        x = layer_norm(g.node("Add", [x, g.dense(gelu, d_ff, d_model)]))
+    g.rename_output(x, "output")
+    return g.model({"input": [1, seq, d_model]}, {"output": [1, seq, d_model]})

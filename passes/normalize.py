@@ -1,0 +1,92 @@
+"""Bring an imported Relax module into the form the channel analysis reads.
+
+After :func:`normalize` the ``main`` function is one flat sequence of bindings whose
+weights are constants: parameters bound (``BindParams``), constant sub-expressions folded
+(``FoldConstant``: a Gemm's ``permute_dims(W)`` becomes a transposed constant, a conv bias
+``reshape(b)`` a ``(1, C, 1, 1)`` constant), ONNX ``Clip`` lowered from fixed-shape
+``call_tir`` kernels back to ``maximum``/``minimum`` ops (a ``call_tir`` keeps its output
+shape when its input shrinks, so a pruned graph through it would be ill-formed), trivial
+bindings canonicalized and dead code removed.
+
+BatchNorm is deliberately *not* folded into the convolutions here: its running statistics
+are what data-free bias compensation reads (DESIGN.md, "Bias compensation"). The channel
+analysis treats it as a per-channel affine op and slices it with the channel.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from tvm_qmfrg.errors import GraphError
+
+_CLIP_KERNELS = {"maximum": relax.op.maximum, "minimum": relax.op.minimum}
+
+
+def _scalar_const(expr) -> bool:
+    return isinstance(expr, tvm.ir.GenericConst) and int(np.prod(expr.value.shape)) == 1
+
+
+@relax.expr_functor.mutator
+class _ClipKernelsToOps(relax.PyExprMutator):
+    """``call_tir(maximum|minimum, (x, scalar))`` -> ``relax.op.maximum|minimum(x, scalar)``."""
+
+    def __init__(self, mod: tvm.IRModule):
+        super().__init__(mod)
+        self.mod_ = mod
+
+    def visit_call_(self, call: relax.Call):
+        call = super().visit_call_(call)
+        if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.call_tir"):
+            return call
+        kernel, args = call.args[0], call.args[1]
+        name = kernel.name_hint if isinstance(kernel, tvm.ir.GlobalVar) else ""
+        op = next((fn for prefix, fn in _CLIP_KERNELS.items() if name.startswith(prefix)), None)
+        if op is None or not isinstance(args, relax.Tuple) or len(args.fields) != 2:
+            return call
+        x, bound = args.fields
+        if not _scalar_const(bound):
+            return call
+        return op(x, bound)
+
+    def transform(self) -> tvm.IRModule:
+        for gv, func in self.mod_.functions_items():
+            if isinstance(func, relax.Function):
+                self.builder_.update_func(gv, self.visit_expr(func))
+        return self.builder_.get()
+
+
+@tvm.transform.module_pass(opt_level=0, name="LowerClipKernels")
+def lower_clip_kernels(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+    return _ClipKernelsToOps(mod).transform()
+
+
+def normalize(
+    mod: tvm.IRModule, params: dict[str, np.ndarray] | None = None, func_name: str = "main"
+) -> tvm.IRModule:
+    """The normalized copy of ``mod`` (see module docstring); ``params`` bind weight inputs."""
+    if func_name not in [gv.name_hint for gv in mod.get_global_vars()]:
+        raise GraphError(f"module has no function '{func_name}'")
+    steps = []
+    if params:
+        steps.append(relax.transform.BindParams(func_name, dict(params)))
+    steps += [
+        relax.transform.FoldConstant(),
+        lower_clip_kernels,
+        relax.transform.FoldConstant(),
+        relax.transform.CanonicalizeBindings(),
+        relax.transform.DeadCodeElimination(),
+    ]
+    return tvm.transform.Sequential(steps)(mod)
+
+
+def import_onnx(model, shape_dict: dict[str, list[int]] | None = None) -> tvm.IRModule:
+    """ONNX ``ModelProto`` -> Relax module with weights as constants (TVM's frontend)."""
+    from tvm.relax.frontend.onnx import from_onnx
+
+    try:
+        return from_onnx(model, shape_dict=shape_dict, keep_params_in_input=False)
+    except Exception as exc:  # the frontend raises many types; name the model and stop
+        name = model.graph.name or "model"
+        raise GraphError(f"{name}: TVM's ONNX frontend failed: {exc}") from exc

@@ -1,0 +1,203 @@
+"""Channel criteria: who goes first when a group of channels shrinks, and where it merges.
+
+A criterion maps one :class:`ChannelGroup` (numpy data only) to a :class:`Scorer`, which
+answers, for unit ``j`` given the set of units still alive, ``(cost, partner, scale)``: the
+cost of removing ``j`` now and, for merging criteria, the kept unit it folds into with
+``a_j ~= scale * a_i``. Costs are comparable across groups: each is divided by the group's
+mean *removal* cost, so 1.0 means "an average unit of this layer".
+
+Registered criteria (choose by name; add one with :func:`register`):
+
+- ``qmfrg`` (default): merge-compensated. Unit ``j`` folds into the alive unit ``i`` with the
+  smallest Fubini–Study angle ``theta_ij`` between their states ``[w; b]``, scale
+  ``c = <w_j, w_i> / ||w_i||^2``; cost ``||V[:, j]|| * ||w_j|| * sin(theta_ij)``, the bound of
+  DESIGN.md. Under ReLU-like activations only ``c > 0`` merges are valid (signed cosine);
+  on linear paths ``|cos|``. With no valid partner the cost is the removal bound (sin = 1),
+  so the criterion is never worse than magnitude pruning under the bound.
+- ``spectral``: the paper's filter-level version. Each unit's own filter matrix gets its
+  normalized spectrum; cost is the FS angle to the nearest spectrum of a larger-norm unit
+  (the largest unit of a cluster stays). Dense neurons have one-row filters whose spectra
+  all coincide: there it degenerates to keeping the larger norm.
+- ``magnitude``: ``||w_j||_2`` of the unit state (filters with folded BatchNorm, all coupled
+  producers).
+- ``random``: seeded uniform costs.
+- ``fpgm``: He et al. 2019, sum of Euclidean distances of the unit state to all others in the
+  group: units nearest the geometric median go first.
+
+Only ``qmfrg`` merges; the others remove.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import OptionError
+from .graph import build_graph
+from .metrics import pairwise_fubini_study, unit_rows
+
+# merge classes, in the order of how strongly a merge survives the activation
+LINEAR, HOMOGENEOUS, ODD, APPROXIMATE = "linear", "homogeneous", "odd", "approximate"
+EXACT_MERGES = (LINEAR, HOMOGENEOUS)
+DENSE_LIMIT = 4096  # above this many units a group's candidate partners come from a kNN graph
+KNN_CANDIDATES = 32
+
+
+@dataclass(frozen=True)
+class ChannelGroup:
+    """What a criterion may look at for one group of coupled channels.
+
+    ``states`` is ``(units, D)``: unit ``j``'s rows ``[w; b]`` of every producer, with the
+    per-channel affine chain (bias, BatchNorm) folded in. ``consumer_norms[j]`` is
+    ``||V[:, j]||`` over every consumer. ``filter_spectra`` is ``(units, r)``: the singular
+    values of each unit's producer filter as a matrix (a conv filter as ``I x kh*kw``;
+    coupled producers contribute the union), zero-padded (for ``spectral``). ``merge`` says
+    how merges pass the nonlinearities between producers and consumers.
+    """
+
+    name: str
+    states: np.ndarray
+    consumer_norms: np.ndarray
+    filter_spectra: np.ndarray
+    merge: str = HOMOGENEOUS
+
+    @property
+    def units(self) -> int:
+        return int(self.states.shape[0])
+
+    def removal_costs(self) -> np.ndarray:
+        return self.consumer_norms * np.linalg.norm(self.states, axis=1)
+
+
+class Scorer:
+    """Fixed per-unit costs, no merges (the removal criteria)."""
+
+    def __init__(self, costs: np.ndarray, scale: float):
+        self.costs = np.asarray(costs, dtype=np.float64)
+        self.scale = scale if scale > 0 else 1.0
+
+    def best(self, j: int, alive: np.ndarray) -> tuple[float, int, float]:
+        return float(self.costs[j] / self.scale), -1, 0.0
+
+
+class MergeScorer(Scorer):
+    """qmfrg: cost of merging ``j`` into its nearest valid alive unit (DESIGN.md bound)."""
+
+    def __init__(self, group: ChannelGroup):
+        removal = group.removal_costs()
+        super().__init__(removal, float(np.mean(removal)))
+        self.signed = group.merge in (HOMOGENEOUS, APPROXIMATE)
+        norms = np.linalg.norm(group.states, axis=1)
+        self.norms = np.where(norms > 0, norms, 1.0)
+        nonzero = norms > 0
+        units = group.units
+        if units <= DENSE_LIMIT:
+            unit = np.zeros_like(group.states, dtype=np.float64)
+            unit[nonzero] = unit_rows(group.states[nonzero], np.float64)
+            self.cos = unit @ unit.T
+            np.fill_diagonal(self.cos, -np.inf)
+            self.cos[~nonzero, :] = -np.inf
+            self.cos[:, ~nonzero] = -np.inf
+            self.candidates = None
+        else:
+            graph = build_graph(group.states, k=KNN_CANDIDATES)
+            self.candidates = _neighbour_lists(graph, units)
+        self.states = group.states
+
+    def cosine(self, j: int, i: np.ndarray) -> np.ndarray:
+        if self.candidates is None:
+            return self.cos[j, i]
+        return (self.states[i] @ self.states[j]) / (self.norms[i] * self.norms[j])
+
+    def best(self, j: int, alive: np.ndarray) -> tuple[float, int, float]:
+        cand = np.flatnonzero(alive) if self.candidates is None else self.candidates[j]
+        cand = cand[(cand != j) & alive[cand]]
+        removal = float(self.costs[j] / self.scale)
+        if cand.size == 0 or self.costs[j] == 0:
+            return removal, -1, 0.0
+        cos = self.cosine(j, cand)
+        score = cos if self.signed else np.abs(cos)
+        k = int(np.argmax(score))
+        if not np.isfinite(score[k]) or score[k] <= 0:
+            return removal, -1, 0.0
+        i = int(cand[k])
+        sin = float(np.sqrt(max(0.0, 1.0 - min(1.0, score[k]) ** 2)))
+        scale = float(cos[k] * self.norms[j] / self.norms[i])
+        return removal * sin, i, scale
+
+
+def _neighbour_lists(graph, units: int) -> list[np.ndarray]:
+    rows = np.concatenate([graph.rows, graph.cols])
+    cols = np.concatenate([graph.cols, graph.rows])
+    order = np.argsort(rows, kind="stable")
+    splits = np.searchsorted(rows[order], np.arange(units + 1))
+    return [cols[order][splits[u]:splits[u + 1]] for u in range(units)]
+
+
+def _magnitude(group: ChannelGroup, rng: np.random.Generator) -> Scorer:
+    costs = np.linalg.norm(group.states, axis=1)
+    return Scorer(costs, float(np.mean(costs)))
+
+
+def _random(group: ChannelGroup, rng: np.random.Generator) -> Scorer:
+    return Scorer(rng.random(group.units), 0.5)
+
+
+def _fpgm(group: ChannelGroup, rng: np.random.Generator) -> Scorer:
+    s = group.states
+    sq = np.sum(s * s, axis=1)
+    d2 = np.maximum(sq[:, None] + sq[None, :] - 2.0 * s @ s.T, 0.0)
+    costs = np.sqrt(d2).sum(axis=1)
+    return Scorer(costs, float(np.mean(costs)))
+
+
+def _spectral(group: ChannelGroup, rng: np.random.Generator) -> Scorer:
+    spectra = np.asarray(group.filter_spectra, dtype=np.float64)
+    norms = np.linalg.norm(spectra, axis=1)  # ||s||_2 = ||filter||_F
+    valid = norms > 0
+    costs = np.where(valid, np.pi / 2, 0.0)  # dead units first, cluster leaders last
+    if valid.sum() > 1:
+        d = pairwise_fubini_study(spectra[valid])
+        n = norms[valid]
+        idx = np.arange(n.size)
+        larger = (n[None, :] > n[:, None]) | ((n[None, :] == n[:, None]) & (idx[None] < idx[:, None]))
+        nearest = np.where(larger, d, np.inf).min(axis=1)
+        costs[valid] = np.where(np.isfinite(nearest), nearest, np.pi / 2)
+    return Scorer(costs, float(np.mean(costs)))
+
+
+def _qmfrg(group: ChannelGroup, rng: np.random.Generator) -> Scorer:
+    return MergeScorer(group)
+
+
+CRITERIA: dict[str, Callable[[ChannelGroup, np.random.Generator], Scorer]] = {
+    "qmfrg": _qmfrg,
+    "spectral": _spectral,
+    "magnitude": _magnitude,
+    "random": _random,
+    "fpgm": _fpgm,
+}
+
+
+def register(name: str, factory: Callable[[ChannelGroup, np.random.Generator], Scorer]) -> None:
+    """Add a criterion: ``factory(group, rng) -> Scorer``."""
+    CRITERIA[name] = factory
+
+
+def get(name: str) -> Callable[[ChannelGroup, np.random.Generator], Scorer]:
+    if name not in CRITERIA:
+        raise OptionError(f"unknown criterion '{name}' (choose from {', '.join(CRITERIA)})")
+    return CRITERIA[name]
+
+
+def merge_is_exact(merge: str, scale: float, tol: float) -> bool:
+    """Whether ``a_j = scale * a_i`` of the pre-activations survives the activation exactly."""
+    if merge == LINEAR:
+        return True
+    if merge == HOMOGENEOUS:
+        return scale > 0
+    if merge == ODD:
+        return abs(abs(scale) - 1.0) <= tol
+    return abs(scale - 1.0) <= tol

@@ -1,0 +1,117 @@
+"""PruningPlan: what a pruning pass decided, in a form that can be saved, read and re-applied.
+
+A plan lists, per channel group (named after its first producer), the kept units and how
+each pruned unit is folded into a kept one (``merges``), the bias compensation of each pruned
+feature (``offsets``: the mean a consumer loses, ``E[a_j - c a_i]``), and, in data-aware
+mode, the least-squares reconstruction ``a_pruned ~= R a_kept + offsets`` (``refit``).
+Frozen groups carry the reason. FLOPs and parameter counts before and after are measured on
+the modules, not estimated.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+
+from .errors import ModelError
+from .report import format_table, write_json
+
+PLAN_VERSION = 1
+
+
+@dataclass
+class GroupPlan:
+    name: str
+    producers: list[str]
+    channels: int
+    unit: int
+    kept: list[int]
+    merges: list[tuple[int, int, float]] = field(default_factory=list)
+    offsets: dict[int, float] = field(default_factory=dict)
+    refit: list[list[float]] | None = None  # (pruned features x kept features)
+
+    @property
+    def units(self) -> int:
+        return self.channels // self.unit
+
+    @property
+    def kept_channels(self) -> int:
+        return len(self.kept) * self.unit
+
+
+@dataclass
+class FrozenGroup:
+    name: str
+    channels: int
+    reason: str
+
+
+@dataclass
+class PruningPlan:
+    model: str
+    criterion: str
+    options: dict
+    groups: list[GroupPlan]
+    frozen: list[FrozenGroup]
+    flops_before: float = 0.0
+    flops_after: float = 0.0
+    params_before: int = 0
+    params_after: int = 0
+    version: int = PLAN_VERSION
+
+    @property
+    def flops_reduction(self) -> float:
+        return 1.0 - self.flops_after / self.flops_before if self.flops_before else 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> PruningPlan:
+        if data.get("version") != PLAN_VERSION:
+            raise ModelError(f"plan version {data.get('version')} is not {PLAN_VERSION}")
+        groups = [
+            GroupPlan(
+                name=g["name"], producers=list(g["producers"]), channels=int(g["channels"]),
+                unit=int(g["unit"]), kept=[int(k) for k in g["kept"]],
+                merges=[(int(a), int(b), float(c)) for a, b, c in g["merges"]],
+                offsets={int(k): float(v) for k, v in g["offsets"].items()},
+                refit=g.get("refit"),
+            )
+            for g in data["groups"]
+        ]
+        frozen = [FrozenGroup(**f) for f in data["frozen"]]
+        fields = {k: data[k] for k in ("model", "criterion", "options", "flops_before",
+                                       "flops_after", "params_before", "params_after")}
+        return cls(groups=groups, frozen=frozen, **fields)
+
+    def save(self, path: str | os.PathLike) -> None:
+        write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> PruningPlan:
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ModelError(f"{path}: cannot read pruning plan ({exc})") from exc
+        try:
+            return cls.from_dict(data)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelError(f"{path}: malformed pruning plan ({exc})") from exc
+
+    def table(self) -> str:
+        """Per-group channels before/after, then totals and frozen groups, as text."""
+        rows = [[g.name, ", ".join(g.producers), g.channels, g.kept_channels,
+                 len(g.merges), f"{1 - g.kept_channels / g.channels:.0%}"] for g in self.groups]
+        text = format_table(["group", "producers", "channels", "kept", "merged", "pruned"], rows)
+        lines = [text, "",
+                 f"FLOPs  {self.flops_before:,.0f} -> {self.flops_after:,.0f} "
+                 f"({self.flops_reduction:.1%} fewer)",
+                 f"params {self.params_before:,} -> {self.params_after:,} "
+                 f"({1 - self.params_after / max(1, self.params_before):.1%} fewer)"]
+        if self.frozen:
+            lines += ["", f"frozen groups ({len(self.frozen)}):"]
+            lines += [f"  {f.name} ({f.channels} channels): {f.reason}" for f in self.frozen]
+        return "\n".join(lines)

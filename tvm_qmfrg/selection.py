@@ -1,0 +1,260 @@
+"""Choosing which units of which groups go, for a sparsity, FLOPs or lossless target.
+
+All three modes use the criterion's :class:`~tvm_qmfrg.criteria.Scorer` lazily: a unit's
+cost is computed once and recomputed only when the partner it would merge into has gone
+itself (its cost can only grow then), so the greedy order is exact at every step.
+
+- ``sparsity``: every prunable group loses ``floor(sparsity * units)`` units, cheapest first.
+- ``flops_reduction``: one ranking across all groups (costs are on one normalized scale),
+  removing the cheapest unit anywhere until the model's conv/matmul FLOPs drop by the
+  requested fraction; allocation across layers falls out of the criterion.
+- ``epsilon`` (lossless): merges only, of units within ``epsilon`` radians of an alive
+  partner whose merge is exact through the activation.
+
+``min_units`` and ``round_to`` (kept channel counts rounded up to a multiple, for SIMD and
+tensor-core friendly shapes) hold in every mode.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .criteria import ChannelGroup, Scorer, merge_is_exact
+from .errors import OptionError
+
+
+@dataclass(frozen=True)
+class AxisCost:
+    """One shrinking axis of an op: ``fixed`` positions no group owns, plus group parts."""
+
+    fixed: int
+    total: int
+    parts: tuple[tuple[int, float], ...]  # (group index, positions per unit)
+
+    def kept(self, kept_units: Sequence[int]) -> float:
+        return self.fixed + sum(kept_units[g] * ppu for g, ppu in self.parts)
+
+
+@dataclass(frozen=True)
+class FlopsModel:
+    """``flops = sum_op flops_op * prod_axis kept(axis) / total(axis)``."""
+
+    ops: tuple[tuple[float, tuple[AxisCost, ...]], ...]
+
+    @property
+    def total(self) -> float:
+        return float(sum(f for f, _ in self.ops))
+
+    def op_flops(self, i: int, kept_units: Sequence[int]) -> float:
+        flops, axes = self.ops[i]
+        for ax in axes:
+            flops *= ax.kept(kept_units) / ax.total
+        return flops
+
+    def flops(self, kept_units: Sequence[int]) -> float:
+        return float(sum(self.op_flops(i, kept_units) for i in range(len(self.ops))))
+
+    def ops_of(self, n_groups: int) -> list[list[int]]:
+        out: list[list[int]] = [[] for _ in range(n_groups)]
+        for i, (_, axes) in enumerate(self.ops):
+            for g in sorted({g for ax in axes for g, _ in ax.parts}):
+                out[g].append(i)
+        return out
+
+
+@dataclass
+class Selection:
+    """Outcome for one group: alive units and the merges of the pruned ones."""
+
+    alive: np.ndarray
+    order: list[int] = field(default_factory=list)  # pruned units, in pruning order
+    merges: dict[int, tuple[int, float]] = field(default_factory=dict)
+
+    @property
+    def kept(self) -> int:
+        return int(self.alive.sum())
+
+    def prune(self, j: int, partner: int, scale: float) -> None:
+        self.alive[j] = False
+        self.order.append(j)
+        if partner >= 0:
+            self.merges[j] = (partner, scale)
+
+    def restore_last(self) -> None:
+        j = self.order.pop()
+        self.alive[j] = True
+        self.merges.pop(j, None)
+
+
+def _step(units: int, unit_width: int, round_to: int) -> int:
+    """Kept units must be a multiple of this for ``kept * unit_width % round_to == 0``."""
+    return max(1, round_to // math.gcd(round_to, unit_width))
+
+
+def _round_up(sel: Selection, step: int, units: int) -> None:
+    while sel.kept % step and sel.kept < units and sel.order:
+        sel.restore_last()
+
+
+class _Heap:
+    """Lazy min-heap of ``(cost, group, unit, partner, scale)``."""
+
+    def __init__(self):
+        self.items: list[tuple[float, int, int, int, float]] = []
+
+    def push(self, g: int, j: int, best: tuple[float, int, float]) -> None:
+        cost, partner, scale = best
+        heapq.heappush(self.items, (cost, g, j, partner, scale))
+
+    def pop(self):
+        return heapq.heappop(self.items) if self.items else None
+
+
+def select(
+    groups: Sequence[ChannelGroup],
+    scorers: Sequence[Scorer],
+    unit_widths: Sequence[int],
+    *,
+    sparsity: float | None = None,
+    flops_reduction: float | None = None,
+    epsilon: float | None = None,
+    flops_model: FlopsModel | None = None,
+    min_channels: int = 1,
+    round_to: int = 1,
+) -> list[Selection]:
+    """Run one of the three modes (exactly one of sparsity/flops_reduction/epsilon)."""
+    given = [x is not None for x in (sparsity, flops_reduction, epsilon)]
+    if sum(given) != 1:
+        raise OptionError("give exactly one of sparsity, flops_reduction, epsilon")
+    if min_channels < 1 or round_to < 1:
+        raise OptionError(f"min_channels={min_channels} and round_to={round_to} must be >= 1")
+    mins = [max(1, math.ceil(min_channels / w)) for w in unit_widths]
+    steps = [_step(g.units, w, round_to) for g, w in zip(groups, unit_widths)]
+    if sparsity is not None:
+        if not 0 <= sparsity < 1:
+            raise OptionError(f"sparsity={sparsity} is outside [0, 1)")
+        return [
+            _per_group(g, s, max(m, g.units - math.floor(sparsity * g.units)), st)
+            for g, s, m, st in zip(groups, scorers, mins, steps)
+        ]
+    if epsilon is not None:
+        if not 0 <= epsilon <= np.pi / 2:
+            raise OptionError(f"epsilon={epsilon} is outside [0, pi/2]")
+        return [_lossless(g, s, epsilon, m) for g, s, m in zip(groups, scorers, mins)]
+    if not 0 <= flops_reduction < 1:
+        raise OptionError(f"flops_reduction={flops_reduction} is outside [0, 1)")
+    if flops_model is None:
+        raise OptionError("flops_reduction needs a FLOPs model")
+    return _by_flops(groups, scorers, flops_reduction, flops_model, mins, steps)
+
+
+def _per_group(group: ChannelGroup, scorer: Scorer, keep: int, step: int) -> Selection:
+    sel = Selection(np.ones(group.units, dtype=bool))
+    heap = _Heap()
+    for j in range(group.units):
+        heap.push(0, j, scorer.best(j, sel.alive))
+    while sel.kept > keep and (item := heap.pop()) is not None:
+        _, _, j, partner, scale = item
+        if not sel.alive[j]:
+            continue
+        if partner >= 0 and not sel.alive[partner]:
+            heap.push(0, j, scorer.best(j, sel.alive))
+            continue
+        sel.prune(j, partner, scale)
+    _round_up(sel, step, group.units)
+    return sel
+
+
+def _lossless(group: ChannelGroup, scorer: Scorer, epsilon: float, min_units: int) -> Selection:
+    removal = group.removal_costs() / scorer.scale
+    sel = Selection(np.ones(group.units, dtype=bool))
+    heap = _Heap()
+
+    def angle_best(j: int):
+        cost, partner, scale = scorer.best(j, sel.alive)
+        if removal[j] == 0:
+            return 0.0, -1, 0.0  # a dead unit: removing it changes nothing
+        if partner < 0 or not merge_is_exact(group.merge, scale, max(epsilon, 1e-12)):
+            return np.inf, -1, 0.0
+        return float(np.arcsin(min(1.0, cost / removal[j]))), partner, scale
+
+    for j in range(group.units):
+        heap.push(0, j, angle_best(j))
+    while sel.kept > min_units and (item := heap.pop()) is not None:
+        angle, _, j, partner, scale = item
+        if angle > epsilon:
+            break
+        if not sel.alive[j]:
+            continue
+        if partner >= 0 and not sel.alive[partner]:
+            heap.push(0, j, angle_best(j))
+            continue
+        sel.prune(j, partner, scale)
+    return sel
+
+
+def _by_flops(groups, scorers, target, model: FlopsModel, mins, steps) -> list[Selection]:
+    total = model.total
+    if total <= 0:
+        raise OptionError("the model has no conv/matmul FLOPs to reduce")
+    internal = target
+    best = None
+    for _ in range(12):
+        sels = _greedy_flops(groups, scorers, internal, model, mins)
+        for g, (sel, step) in enumerate(zip(sels, steps)):
+            _round_up(sel, step, groups[g].units)
+        achieved = 1.0 - model.flops([s.kept for s in sels]) / total
+        best = sels
+        if achieved >= target - 0.005 or internal >= 0.999:
+            break
+        internal = min(0.999, internal + (target - achieved))
+    return best
+
+
+def _greedy_flops(groups, scorers, target, model: FlopsModel, mins) -> list[Selection]:
+    sels = [Selection(np.ones(g.units, dtype=bool)) for g in groups]
+    kept = [g.units for g in groups]
+    op_ids = model.ops_of(len(groups))
+    op_now = [model.op_flops(i, kept) for i in range(len(model.ops))]
+    flops = sum(op_now)
+    goal = (1.0 - target) * model.total
+    heap = _Heap()
+    for g, (group, scorer) in enumerate(zip(groups, scorers)):
+        for j in range(group.units):
+            heap.push(g, j, scorer.best(j, sels[g].alive))
+    while flops > goal and (item := heap.pop()) is not None:
+        _, g, j, partner, scale = item
+        sel = sels[g]
+        if not sel.alive[j] or kept[g] <= mins[g]:
+            continue
+        if partner >= 0 and not sel.alive[partner]:
+            heap.push(g, j, scorers[g].best(j, sel.alive))
+            continue
+        sel.prune(j, partner, scale)
+        kept[g] -= 1
+        for i in op_ids[g]:
+            new = model.op_flops(i, kept)
+            flops += new - op_now[i]
+            op_now[i] = new
+    return sels
+
+
+def resolve(sel: Selection) -> tuple[list[int], list[tuple[int, int, float]]]:
+    """Kept units and merges with every chain ``j -> i -> k`` composed onto a kept unit."""
+    merges = []
+    for j in sel.order:
+        scale, target = 1.0, j
+        seen = set()
+        while not sel.alive[target] and target in sel.merges and target not in seen:
+            seen.add(target)
+            partner, s = sel.merges[target]
+            scale *= s
+            target = partner
+        if sel.alive[target] and target != j:
+            merges.append((j, target, scale))
+    return [int(i) for i in np.flatnonzero(sel.alive)], merges
