@@ -1,1 +1,19 @@
-"""TVM side of tvm_qmfrg: Relax module passes that apply pruning and substitution plans."""
+"""TVM side of tvm_qmfrg: Relax module passes that apply pruning and substitution plans.
+
+Importing this package registers the toolkit's exceptions with TVM's FFI, so an error raised
+inside a pass reaches the caller as the same :class:`~tvm_qmfrg.errors.QMFRGError` subclass
+instead of a generic ``RuntimeError``.
+"""
+
+import tvm_ffi
+
+from tvm_qmfrg import errors as _errors
+
+for _cls in (
+    _errors.QMFRGError,
+    _errors.ModelError,
+    _errors.WeightError,
+    _errors.OptionError,
+    _errors.GraphError,
+):
+    tvm_ffi.register_error(_cls.__name__, _cls)

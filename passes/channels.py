@@ -60,8 +60,14 @@ _POOL2D = {
     "relax.nn.avg_pool2d": LINEAR,
     "relax.nn.adaptive_avg_pool2d": LINEAR,
 }
-_BINARY = {"relax.add", "relax.subtract", "relax.multiply", "relax.divide",
-           "relax.maximum", "relax.minimum"}
+_BINARY = {
+    "relax.add",
+    "relax.subtract",
+    "relax.multiply",
+    "relax.divide",
+    "relax.maximum",
+    "relax.minimum",
+}
 _REDUCE = {"relax.mean", "relax.sum", "relax.max", "relax.min"}
 
 
@@ -285,8 +291,9 @@ class _Walker:
             self.freeze(self.layout.get(v), f"{self.name}: channels reach the function output")
         roots = sorted({self.find(i) for i in range(len(self.spaces))})
         root = {i: self.find(i) for i in range(len(self.spaces))}
-        return ChannelAnalysis(self.func, [self.spaces[r] for r in roots], self.sites,
-                               self.ops, root)
+        return ChannelAnalysis(
+            self.func, [self.spaces[r] for r in roots], self.sites, self.ops, root
+        )
 
     def _count_use(self, expr) -> None:
         if isinstance(expr, relax.Var):
@@ -303,11 +310,15 @@ class _Walker:
                 self.layout[var] = self.layout[self.tuples[src]]
                 self._chain_step(self.tuples[src], var)
             elif src in self.tuples and value.index != 0:
-                self.freeze(self.layout.get(self.tuples[src]), f"{where}: uses batch-norm statistics")
+                self.freeze(
+                    self.layout.get(self.tuples[src]), f"{where}: uses batch-norm statistics"
+                )
             return
         if not (isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op)):
             for v in _vars_in(value):
-                self.freeze(self.layout.get(v), f"{where}: {type(value).__name__} is not understood")
+                self.freeze(
+                    self.layout.get(v), f"{where}: {type(value).__name__} is not understood"
+                )
             return
         op = value.op.name
         where = f"{where} ({op})"
@@ -328,15 +339,24 @@ class _Walker:
         handler(self, var, value, where)
 
     # ---- producers & consumers --------------------------------------------------------
-    def _produce(self, var, weight_arg: int, w_axis: int, out_axis: int, out_size: int,
-                 weight: np.ndarray, op: str) -> None:
+    def _produce(
+        self,
+        var,
+        weight_arg: int,
+        w_axis: int,
+        out_axis: int,
+        out_size: int,
+        weight: np.ndarray,
+        op: str,
+    ) -> None:
         sid = self.new_space(out_size)
         seg = Segment(sid, 0, out_size, Fraction(1))
         layout = Layout(out_axis, out_size, (seg,))
         rows = np.moveaxis(weight, w_axis, 0).reshape(out_size, -1).astype(np.float64)
         kernel = int(np.prod(weight.shape[2:])) if op == "conv2d" else rows.shape[1]
-        prod = Producer(var, op, rows, np.zeros(out_size), np.ones(out_size),
-                        np.zeros(out_size), kernel)
+        prod = Producer(
+            var, op, rows, np.zeros(out_size), np.ones(out_size), np.zeros(out_size), kernel
+        )
         self.spaces[sid].producers.append(prod)
         self.layout[var] = layout
         self.chain[var] = prod
@@ -369,8 +389,11 @@ class _Walker:
             if lay is not None:
                 self._consume(var, lay, 1, 1, 0)
             self._produce(var, 1, 0, 1, w.shape[0], w, "conv2d")
-            self.ops.append(OpCost(var, "conv2d", flops,
-                                   tuple(x for x in (lay, self.layout[var]) if x is not None)))
+            self.ops.append(
+                OpCost(
+                    var, "conv2d", flops, tuple(x for x in (lay, self.layout[var]) if x is not None)
+                )
+            )
             return
         if groups == in_ch == w.shape[0]:  # depthwise, one filter per channel
             self.ops.append(OpCost(var, "conv2d", flops, (lay,) if lay else ()))
@@ -397,18 +420,26 @@ class _Walker:
             if lx is not None:
                 self._consume(var, lx, 1, 0, 1)
             self._produce(var, 1, 1, rank - 1, w.shape[1], w, "matmul")
-            self.ops.append(OpCost(var, "matmul", flops,
-                                   tuple(v for v in (lx, self.layout[var]) if v is not None)))
+            self.ops.append(
+                OpCost(
+                    var, "matmul", flops, tuple(v for v in (lx, self.layout[var]) if v is not None)
+                )
+            )
             return
         if _const(x) is not None or w is not None:
-            self.freeze(self.layout.get(x) or self.layout.get(w_expr),
-                        f"{where}: constant left operand or non-2-D weight")
+            self.freeze(
+                self.layout.get(x) or self.layout.get(w_expr),
+                f"{where}: constant left operand or non-2-D weight",
+            )
             return
         # activation x activation (attention): channels may only sit on batch axes
         lw = self.layout.get(w_expr)
         k = _shape(x)[-1]
-        flops = 2.0 * (_static_size([d if isinstance(d, int) else 1 for d in out_shape]) or 0) * (
-            k if isinstance(k, int) else 1)
+        flops = (
+            2.0
+            * (_static_size([d if isinstance(d, int) else 1 for d in out_shape]) or 0)
+            * (k if isinstance(k, int) else 1)
+        )
         out = None
         for lay, operand_rank in ((lx, len(_shape(x))), (lw, len(_shape(w_expr)))):
             if lay is None:
@@ -465,8 +496,9 @@ class _Walker:
         self.tuples[var] = data
         gamma, beta, mean, variance = (p.astype(np.float64) for p in params)
         scale = gamma / np.sqrt(variance + float(call.attrs.epsilon))
-        if not self._chain_step(data, data, scale=scale, shift=beta - mean * scale,
-                                bn=(beta, np.abs(gamma))):
+        if not self._chain_step(
+            data, data, scale=scale, shift=beta - mean * scale, bn=(beta, np.abs(gamma))
+        ):
             self.mark(lay, APPROXIMATE)  # a per-channel affine after the first nonlinearity
 
     def unary(self, var, call, where):
@@ -549,9 +581,11 @@ class _Walker:
         if op == "relax.divide" and const_left:
             self.mark(lay, APPROXIMATE)
             return
-        absorbed = (len(lay.segments) == 1 and lay.segments[0].ppf == 1
-                    and self._affine_chain(tensor_arg, var, op, const, caxis, lay.size,
-                                           const_left))
+        absorbed = (
+            len(lay.segments) == 1
+            and lay.segments[0].ppf == 1
+            and self._affine_chain(tensor_arg, var, op, const, caxis, lay.size, const_left)
+        )
         if per_channel and not absorbed:
             self.mark(lay, APPROXIMATE)  # a per-channel affine after the first nonlinearity
 
@@ -616,8 +650,9 @@ class _Walker:
             for seg in new_lay.segments:
                 sp = self.space(seg)
                 if sp.size % unit:
-                    self.freeze(new_lay, f"{where}: {sp.size} channels do not split into "
-                                f"blocks of {unit}")
+                    self.freeze(
+                        new_lay, f"{where}: {sp.size} channels do not split into blocks of {unit}"
+                    )
                     return
                 sp.unit = math.lcm(sp.unit, unit)
         self.layout[var] = new_lay
@@ -678,16 +713,17 @@ def _reshape_layout(old: list, new: list, lay: Layout) -> tuple[Layout, int] | s
             return lay.shifted(news[0], size=sizes_new[0]), 1
         pos = olds.index(lay.axis)
         outer = _prod(sizes_old[:pos])
-        inner = _prod(sizes_old[pos + 1:])
+        inner = _prod(sizes_old[pos + 1 :])
         if len(news) == 1:  # merge: each channel position becomes a block of `inner`
             if outer != 1:
                 return "reshape merges the channel axis with an outer axis"
-            segs = tuple(Segment(s.space, s.start * inner, s.features, s.ppf * inner)
-                         for s in lay.segments)
+            segs = tuple(
+                Segment(s.space, s.start * inner, s.features, s.ppf * inner) for s in lay.segments
+            )
             return Layout(news[0], lay.size * inner, segs), 1
         if len(olds) == 1:  # split: the first non-trivial new axis indexes blocks of `q`
             lead = next(i for i, n in enumerate(sizes_new) if n != 1)
-            q = _prod(sizes_new[lead + 1:])
+            q = _prod(sizes_new[lead + 1 :])
             segs = []
             unit = 1
             for s in lay.segments:

@@ -56,10 +56,20 @@ class _Group:
 
 
 def _check_static(func: relax.Function, model: str) -> None:
+    """Only the batch (first) dim of an input may be symbolic: FLOPs and reshapes need the rest."""
     for p in func.params:
         ty = p.ty
-        if isinstance(ty, relax.TensorType) and ty.shape is None:
+        if not isinstance(ty, relax.TensorType):
+            continue
+        if ty.shape is None:
             raise GraphError(f"{model}: input '{p.name}' has unknown rank; pruning needs shapes")
+        dims = list(ty.shape.values)
+        dynamic = [i for i, d in enumerate(dims) if not isinstance(d, tvm.tirx.IntImm) and i > 0]
+        if dynamic:
+            raise GraphError(
+                f"{model}: input '{p.name}' has dynamic dims {dynamic} besides the batch; "
+                "import it with static shapes (from_onnx(..., shape_dict=...))"
+            )
 
 
 def _producer_names(func: relax.Function, names: Sequence[str] | None) -> dict:
@@ -68,13 +78,19 @@ def _producer_names(func: relax.Function, names: Sequence[str] | None) -> dict:
     for block in func.body.blocks:
         for b in block.bindings:
             v = b.value
-            if (isinstance(v, relax.Call) and isinstance(v.op, tvm.ir.Op)
-                    and v.op.name in ("relax.nn.conv2d", "relax.matmul")
-                    and isinstance(v.args[1], tvm.ir.GenericConst)):
+            if (
+                isinstance(v, relax.Call)
+                and isinstance(v.op, tvm.ir.Op)
+                and v.op.name in ("relax.nn.conv2d", "relax.matmul")
+                and isinstance(v.args[1], tvm.ir.GenericConst)
+            ):
                 ops.append((b.var, "conv" if v.op.name == "relax.nn.conv2d" else "matmul"))
     if names is not None and len(names) != len(ops):
-        log.warning("%d operator names given for %d conv/matmul ops; using generic names",
-                    len(names), len(ops))
+        log.warning(
+            "%d operator names given for %d conv/matmul ops; using generic names",
+            len(names),
+            len(ops),
+        )
         names = None
     if names is None:
         names = [f"{kind}_{i}" for i, (_, kind) in enumerate(ops)]
@@ -100,9 +116,12 @@ def _build_groups(analysis: ChannelAnalysis, values: dict, names: dict) -> list[
     groups = []
     for sp in analysis.prunable():
         units, w = sp.units, sp.unit
-        rows = [np.concatenate([p.weight * p.scale[:, None],
-                                (p.bias * p.scale + p.shift)[:, None]], axis=1)
-                for p in sp.producers]
+        rows = [
+            np.concatenate(
+                [p.weight * p.scale[:, None], (p.bias * p.scale + p.shift)[:, None]], axis=1
+            )
+            for p in sp.producers
+        ]
         states = np.concatenate(rows, axis=1).reshape(units, -1)
         sq = np.zeros(units)
         for var, site, seg in _space_sites(analysis, sp, "consumer"):
@@ -114,7 +133,7 @@ def _build_groups(analysis: ChannelAnalysis, values: dict, names: dict) -> list[
         for u in range(units):
             s = []
             for p in sp.producers:
-                mat = p.weight[u * w:(u + 1) * w].reshape(-1, p.kernel)
+                mat = p.weight[u * w : (u + 1) * w].reshape(-1, p.kernel)
                 s.append(np.linalg.svd(mat, compute_uv=False))
             spectra.append(np.sort(np.concatenate(s))[::-1])
         width = max(len(s) for s in spectra)
@@ -208,9 +227,13 @@ def plan_pruning(
         raise OptionError("epsilon (lossless merging) needs the qmfrg criterion")
     compensate = criterion == "qmfrg" if compensate is None else compensate
     norm_mod, analysis, values, groups, names_by_var = _prepare(mod, model, names)
-    frozen = [FrozenGroup(names_by_var.get(sp.producers[0].var, sp.producers[0].var.name),
-                          sp.size, sp.frozen[0])
-              for sp in analysis.spaces if sp.frozen and sp.producers]
+    frozen = [
+        FrozenGroup(
+            names_by_var.get(sp.producers[0].var, sp.producers[0].var.name), sp.size, sp.frozen[0]
+        )
+        for sp in analysis.spaces
+        if sp.frozen and sp.producers
+    ]
     matched = {p: False for p in protect}
     active = []
     for g in groups:
@@ -228,28 +251,56 @@ def plan_pruning(
         log.warning("%s: nothing to prune (%d frozen groups)", model, len(frozen))
     rng = np.random.default_rng(seed)
     scorers = [factory(g.data, rng) for g in active]
-    sels = select(
-        [g.data for g in active], scorers, [g.space.unit for g in active],
-        sparsity=sparsity, flops_reduction=flops_reduction, epsilon=epsilon,
-        flops_model=_flops_model(analysis, active), min_channels=min_channels,
-        round_to=round_to,
-    ) if active else []
+    sels = (
+        select(
+            [g.data for g in active],
+            scorers,
+            [g.space.unit for g in active],
+            sparsity=sparsity,
+            flops_reduction=flops_reduction,
+            epsilon=epsilon,
+            flops_model=_flops_model(analysis, active),
+            min_channels=min_channels,
+            round_to=round_to,
+        )
+        if active
+        else []
+    )
     plans = []
     for g, sel in zip(active, sels):
         kept, merges = resolve(sel)
         offsets = {}
         if compensate and g.feature_means is not None:
             offsets = _offsets(g, sel, merges)
-        plans.append(GroupPlan(g.name, g.producers, g.space.size, g.space.unit, kept,
-                               [(j, i, c) for j, i, c in merges], offsets))
+        plans.append(
+            GroupPlan(
+                g.name,
+                g.producers,
+                g.space.size,
+                g.space.unit,
+                kept,
+                [(j, i, c) for j, i, c in merges],
+                offsets,
+            )
+        )
     before = module_cost(norm_mod)
     plan = PruningPlan(
-        model=model, criterion=criterion,
-        options={"sparsity": sparsity, "flops_reduction": flops_reduction, "epsilon": epsilon,
-                 "min_channels": min_channels, "round_to": round_to, "protect": list(protect),
-                 "compensate": compensate, "seed": seed},
-        groups=plans, frozen=frozen,
-        flops_before=before.flops, params_before=before.params,
+        model=model,
+        criterion=criterion,
+        options={
+            "sparsity": sparsity,
+            "flops_reduction": flops_reduction,
+            "epsilon": epsilon,
+            "min_channels": min_channels,
+            "round_to": round_to,
+            "protect": list(protect),
+            "compensate": compensate,
+            "seed": seed,
+        },
+        groups=plans,
+        frozen=frozen,
+        flops_before=before.flops,
+        params_before=before.params,
     )
     after = module_cost(_rewrite(norm_mod, analysis, values, groups, plan, model))
     plan.flops_after, plan.params_after = after.flops, after.params
@@ -302,7 +353,9 @@ def _keep_positions(analysis: ChannelAnalysis, layout: Layout, decided: dict) ->
     return None if mask.all() else np.flatnonzero(mask)
 
 
-def _fold_consumer(weight: np.ndarray, site: Site, analysis, decided) -> tuple[np.ndarray, np.ndarray]:
+def _fold_consumer(
+    weight: np.ndarray, site: Site, analysis, decided
+) -> tuple[np.ndarray, np.ndarray]:
     """Fold merges (or a refit) into a consumer weight; also return the bias compensation.
 
     For ``a_p ~= sum_k R[p, k] a_k + mu_p``: ``V[:, k] += sum_p R[p, k] V[:, p]`` and the output
@@ -389,9 +442,16 @@ def _new_call(call: relax.Call, args: list, edit: _Edit, analysis, decided):
     if edit.groups is not None and name == "relax.nn.conv2d":
         a = call.attrs
         return relax.op.nn.conv2d(
-            args[0], args[1], strides=a.strides, padding=a.padding, dilation=a.dilation,
-            groups=edit.groups, data_layout=a.data_layout, kernel_layout=a.kernel_layout,
-            out_layout=a.out_layout, out_dtype=a.out_dtype,
+            args[0],
+            args[1],
+            strides=a.strides,
+            padding=a.padding,
+            dilation=a.dilation,
+            groups=edit.groups,
+            data_layout=a.data_layout,
+            kernel_layout=a.kernel_layout,
+            out_layout=a.out_layout,
+            out_dtype=a.out_dtype,
         ), bias
     return relax.Call(call.op, args, call.attrs, call.ty_args), bias
 
@@ -422,7 +482,9 @@ class _Rewriter(relax.PyExprMutator):
             shape[1 if call.op.name == "relax.nn.conv2d" else dims - 1] = bias.size
             dtype = str(out.ty.dtype)
             value = relax.op.add(out, relax.const(bias.reshape(shape).astype(dtype)))
-        new_var = self.builder_.emit_output(value, name) if output else self.builder_.emit(value, name)
+        new_var = (
+            self.builder_.emit_output(value, name) if output else self.builder_.emit(value, name)
+        )
         self.set_var_remap(binding.var, new_var)
 
     def transform(self) -> tvm.IRModule:
@@ -438,8 +500,10 @@ def _match_plan(groups: list[_Group], plan: PruningPlan, model: str) -> dict:
     for gp in plan.groups:
         g = by_name.get(gp.name)
         if g is None or g.space.size != gp.channels or g.space.unit != gp.unit:
-            raise GraphError(f"{model}: plan group '{gp.name}' ({gp.channels} channels) does not "
-                             "match this model; was the plan made for another model?")
+            raise GraphError(
+                f"{model}: plan group '{gp.name}' ({gp.channels} channels) does not "
+                "match this model; was the plan made for another model?"
+            )
         decided[g.space.id] = gp
     return decided
 
@@ -456,8 +520,13 @@ def _rewrite(norm_mod, analysis, values, groups, plan: PruningPlan, model: str) 
     return new_mod
 
 
-def apply_plan(mod: tvm.IRModule, plan: PruningPlan, *, names: Sequence[str] | None = None,
-               model: str | None = None) -> tvm.IRModule:
+def apply_plan(
+    mod: tvm.IRModule,
+    plan: PruningPlan,
+    *,
+    names: Sequence[str] | None = None,
+    model: str | None = None,
+) -> tvm.IRModule:
     """Rewrite ``mod`` by ``plan`` (from :func:`plan_pruning` or a saved JSON)."""
     model = model or plan.model
     norm_mod, analysis, values, groups, _ = _prepare(mod, model, names)
@@ -472,21 +541,40 @@ class QMFRGPrune:
     deciding anew.
     """
 
-    def __init__(self, criterion: str = "qmfrg", sparsity: float | None = None,
-                 flops_reduction: float | None = None, min_channels: int = 1,
-                 round_to: int = 1, epsilon: float | None = None, protect: Sequence[str] = (),
-                 calibration=None, seed: int = 0, compensate: bool | None = None,
-                 names: Sequence[str] | None = None, model: str = "model",
-                 plan: PruningPlan | None = None):
+    def __init__(
+        self,
+        criterion: str = "qmfrg",
+        sparsity: float | None = None,
+        flops_reduction: float | None = None,
+        min_channels: int = 1,
+        round_to: int = 1,
+        epsilon: float | None = None,
+        protect: Sequence[str] = (),
+        calibration=None,
+        seed: int = 0,
+        compensate: bool | None = None,
+        names: Sequence[str] | None = None,
+        model: str = "model",
+        plan: PruningPlan | None = None,
+    ):
         criteria_registry.get(criterion)  # fail early on an unknown name
         if plan is None and sum(x is not None for x in (sparsity, flops_reduction, epsilon)) != 1:
             raise OptionError("QMFRGPrune needs exactly one of sparsity, flops_reduction, epsilon")
         if calibration is not None:
             raise OptionError("calibration data is not supported yet")
-        self.options = dict(criterion=criterion, sparsity=sparsity,
-                            flops_reduction=flops_reduction, epsilon=epsilon,
-                            min_channels=min_channels, round_to=round_to, protect=tuple(protect),
-                            compensate=compensate, seed=seed, model=model, names=names)
+        self.options = dict(
+            criterion=criterion,
+            sparsity=sparsity,
+            flops_reduction=flops_reduction,
+            epsilon=epsilon,
+            min_channels=min_channels,
+            round_to=round_to,
+            protect=tuple(protect),
+            compensate=compensate,
+            seed=seed,
+            model=model,
+            names=names,
+        )
         self.plan = plan
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:

@@ -133,7 +133,7 @@ def _neighbour_lists(graph, units: int) -> list[np.ndarray]:
     cols = np.concatenate([graph.cols, graph.rows])
     order = np.argsort(rows, kind="stable")
     splits = np.searchsorted(rows[order], np.arange(units + 1))
-    return [cols[order][splits[u]:splits[u + 1]] for u in range(units)]
+    return [cols[order][splits[u] : splits[u + 1]] for u in range(units)]
 
 
 def _magnitude(group: ChannelGroup, rng: np.random.Generator) -> Scorer:
@@ -162,7 +162,9 @@ def _spectral(group: ChannelGroup, rng: np.random.Generator) -> Scorer:
         d = pairwise_fubini_study(spectra[valid])
         n = norms[valid]
         idx = np.arange(n.size)
-        larger = (n[None, :] > n[:, None]) | ((n[None, :] == n[:, None]) & (idx[None] < idx[:, None]))
+        larger = (n[None, :] > n[:, None]) | (
+            (n[None, :] == n[:, None]) & (idx[None] < idx[:, None])
+        )
         nearest = np.where(larger, d, np.inf).min(axis=1)
         costs[valid] = np.where(np.isfinite(nearest), nearest, np.pi / 2)
     return Scorer(costs, float(np.mean(costs)))

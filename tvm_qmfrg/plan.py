@@ -73,8 +73,11 @@ class PruningPlan:
             raise ModelError(f"plan version {data.get('version')} is not {PLAN_VERSION}")
         groups = [
             GroupPlan(
-                name=g["name"], producers=list(g["producers"]), channels=int(g["channels"]),
-                unit=int(g["unit"]), kept=[int(k) for k in g["kept"]],
+                name=g["name"],
+                producers=list(g["producers"]),
+                channels=int(g["channels"]),
+                unit=int(g["unit"]),
+                kept=[int(k) for k in g["kept"]],
                 merges=[(int(a), int(b), float(c)) for a, b, c in g["merges"]],
                 offsets={int(k): float(v) for k, v in g["offsets"].items()},
                 refit=g.get("refit"),
@@ -82,8 +85,18 @@ class PruningPlan:
             for g in data["groups"]
         ]
         frozen = [FrozenGroup(**f) for f in data["frozen"]]
-        fields = {k: data[k] for k in ("model", "criterion", "options", "flops_before",
-                                       "flops_after", "params_before", "params_after")}
+        fields = {
+            k: data[k]
+            for k in (
+                "model",
+                "criterion",
+                "options",
+                "flops_before",
+                "flops_after",
+                "params_before",
+                "params_after",
+            )
+        }
         return cls(groups=groups, frozen=frozen, **fields)
 
     def save(self, path: str | os.PathLike) -> None:
@@ -103,14 +116,26 @@ class PruningPlan:
 
     def table(self) -> str:
         """Per-group channels before/after, then totals and frozen groups, as text."""
-        rows = [[g.name, ", ".join(g.producers), g.channels, g.kept_channels,
-                 len(g.merges), f"{1 - g.kept_channels / g.channels:.0%}"] for g in self.groups]
+        rows = [
+            [
+                g.name,
+                ", ".join(g.producers),
+                g.channels,
+                g.kept_channels,
+                len(g.merges),
+                f"{1 - g.kept_channels / g.channels:.0%}",
+            ]
+            for g in self.groups
+        ]
         text = format_table(["group", "producers", "channels", "kept", "merged", "pruned"], rows)
-        lines = [text, "",
-                 f"FLOPs  {self.flops_before:,.0f} -> {self.flops_after:,.0f} "
-                 f"({self.flops_reduction:.1%} fewer)",
-                 f"params {self.params_before:,} -> {self.params_after:,} "
-                 f"({1 - self.params_after / max(1, self.params_before):.1%} fewer)"]
+        lines = [
+            text,
+            "",
+            f"FLOPs  {self.flops_before:,.0f} -> {self.flops_after:,.0f} "
+            f"({self.flops_reduction:.1%} fewer)",
+            f"params {self.params_before:,} -> {self.params_after:,} "
+            f"({1 - self.params_after / max(1, self.params_before):.1%} fewer)",
+        ]
         if self.frozen:
             lines += ["", f"frozen groups ({len(self.frozen)}):"]
             lines += [f"  {f.name} ({f.channels} channels): {f.reason}" for f in self.frozen]

@@ -199,20 +199,34 @@ def _lossless(group: ChannelGroup, scorer: Scorer, epsilon: float, min_units: in
 
 
 def _by_flops(groups, scorers, target, model: FlopsModel, mins, steps) -> list[Selection]:
+    """Greedy to an internal target, rounded; the internal target is bisected so that the
+    rounded result lands on the requested one."""
     total = model.total
     if total <= 0:
         raise OptionError("the model has no conv/matmul FLOPs to reduce")
-    internal = target
-    best = None
-    for _ in range(12):
+
+    def attempt(internal: float) -> tuple[float, list[Selection]]:
         sels = _greedy_flops(groups, scorers, internal, model, mins)
         for g, (sel, step) in enumerate(zip(sels, steps)):
             _round_up(sel, step, groups[g].units)
-        achieved = 1.0 - model.flops([s.kept for s in sels]) / total
-        best = sels
-        if achieved >= target - 0.005 or internal >= 0.999:
+        return 1.0 - model.flops([s.kept for s in sels]) / total, sels
+
+    achieved, best = attempt(target)
+    if achieved >= target - 0.005 or all(s == 1 for s in steps):
+        return best
+    best_gap = abs(achieved - target)
+    lo, hi = target, 0.999
+    for _ in range(12):
+        mid = (lo + hi) / 2
+        achieved, sels = attempt(mid)
+        if abs(achieved - target) < best_gap:
+            best, best_gap = sels, abs(achieved - target)
+        if achieved < target:
+            lo = mid
+        else:
+            hi = mid
+        if best_gap <= 0.005:
             break
-        internal = min(0.999, internal + (target - achieved))
     return best
 
 
@@ -220,13 +234,15 @@ def _greedy_flops(groups, scorers, target, model: FlopsModel, mins) -> list[Sele
     sels = [Selection(np.ones(g.units, dtype=bool)) for g in groups]
     kept = [g.units for g in groups]
     op_ids = model.ops_of(len(groups))
-    op_now = [model.op_flops(i, kept) for i in range(len(model.ops))]
-    flops = sum(op_now)
+    op_now = {i: model.op_flops(i, kept) for i in range(len(model.ops))}
+    flops = sum(op_now.values())
     goal = (1.0 - target) * model.total
     heap = _Heap()
     for g, (group, scorer) in enumerate(zip(groups, scorers)):
         for j in range(group.units):
             heap.push(g, j, scorer.best(j, sels[g].alive))
+    slack = 0.01 * model.total  # a coarse unit (a whole head) may not overshoot by more
+    aside = []
     while flops > goal and (item := heap.pop()) is not None:
         _, g, j, partner, scale = item
         sel = sels[g]
@@ -235,12 +251,26 @@ def _greedy_flops(groups, scorers, target, model: FlopsModel, mins) -> list[Sele
         if partner >= 0 and not sel.alive[partner]:
             heap.push(g, j, scorers[g].best(j, sel.alive))
             continue
-        sel.prune(j, partner, scale)
         kept[g] -= 1
-        for i in op_ids[g]:
-            new = model.op_flops(i, kept)
-            flops += new - op_now[i]
-            op_now[i] = new
+        new = {i: model.op_flops(i, kept) for i in op_ids[g]}
+        after = flops + sum(new[i] - op_now[i] for i in op_ids[g])
+        if after < goal - slack:
+            kept[g] += 1
+            aside.append(item)
+            continue
+        sel.prune(j, partner, scale)
+        flops = after
+        op_now.update(new)
+    for _, g, j, partner, scale in aside:  # nothing finer was left: accept the overshoot
+        if flops <= goal:
+            break
+        if sels[g].alive[j] and kept[g] > mins[g] and (partner < 0 or sels[g].alive[partner]):
+            sels[g].prune(j, partner, scale)
+            kept[g] -= 1
+            for i in op_ids[g]:
+                new_i = model.op_flops(i, kept)
+                flops += new_i - op_now[i]
+                op_now[i] = new_i
     return sels
 
 

@@ -79,12 +79,23 @@ class GraphBuilder:
     def constant(self, array: np.ndarray, prefix: str = "c") -> str:
         """A ``Constant`` node (for shapes and scalars, as PyTorch exports them)."""
         out = self.fresh(prefix)
-        self.nodes.append(helper.make_node(
-            "Constant", [], [out], name=out, value=numpy_helper.from_array(np.asarray(array))))
+        self.nodes.append(
+            helper.make_node(
+                "Constant", [], [out], name=out, value=numpy_helper.from_array(np.asarray(array))
+            )
+        )
         return out
 
-    def conv_bn(self, x: str, cin: int, cout: int, k: int = 3, stride: int = 1,
-                groups: int = 1, act: str | None = "Relu") -> str:
+    def conv_bn(
+        self,
+        x: str,
+        cin: int,
+        cout: int,
+        k: int = 3,
+        stride: int = 1,
+        groups: int = 1,
+        act: str | None = "Relu",
+    ) -> str:
         y = self.batchnorm(self.conv(x, cin, cout, k, stride, groups), cout)
         if act == "Relu":
             y = self.node("Relu", [y])
@@ -152,8 +163,13 @@ def mlp(seed: int = 0, sizes: tuple[int, ...] = (32, 64, 48, 10)) -> onnx.ModelP
     return g.model({"input": [1, sizes[0]]}, {"output": [1, sizes[-1]]})
 
 
-def resnet_cifar(seed: int = 0, widths: tuple[int, ...] = (8, 16, 32, 64), blocks: int = 2,
-                 image: int = 16, classes: int = 10) -> onnx.ModelProto:
+def resnet_cifar(
+    seed: int = 0,
+    widths: tuple[int, ...] = (8, 16, 32, 64),
+    blocks: int = 2,
+    image: int = 16,
+    classes: int = 10,
+) -> onnx.ModelProto:
     """ResNet-18-style: basic blocks with residual adds, strided 1x1 shortcuts, GAP, Gemm."""
     g = GraphBuilder("resnet_cifar", seed)
     x = g.conv_bn("input", 3, widths[0])
@@ -163,12 +179,18 @@ def resnet_cifar(seed: int = 0, widths: tuple[int, ...] = (8, 16, 32, 64), block
             stride = 2 if stage > 0 and b == 0 else 1
             y = g.conv_bn(x, cin, cout, stride=stride)
             y = g.conv_bn(y, cout, cout, act=None)
-            short = x if stride == 1 and cin == cout else g.conv_bn(x, cin, cout, 1, stride, act=None)
+            short = (
+                x if stride == 1 and cin == cout else g.conv_bn(x, cin, cout, 1, stride, act=None)
+            )
             x = g.node("Relu", [g.node("Add", [y, short])])
             cin = cout
     x = g.node("Flatten", [g.node("GlobalAveragePool", [x])], axis=1)
-    y = g.node("Gemm", [x, g.const(g.randn(classes, cin), "fc_w"),
-                        g.const(g.randn(classes, scale=0.1), "fc_b")], "gemm", transB=1)
+    y = g.node(
+        "Gemm",
+        [x, g.const(g.randn(classes, cin), "fc_w"), g.const(g.randn(classes, scale=0.1), "fc_b")],
+        "gemm",
+        transB=1,
+    )
     g.rename_output(y, "logits")
     return g.model({"input": [1, 3, image, image]}, {"logits": [1, classes]})
 
@@ -187,8 +209,12 @@ def mobilenet_v2(seed: int = 0, image: int = 16, classes: int = 10) -> onnx.Mode
         cin = cout
     x = g.conv_bn(x, cin, 32, k=1, act="Relu6")
     x = g.node("Flatten", [g.node("GlobalAveragePool", [x])], axis=1)
-    y = g.node("Gemm", [x, g.const(g.randn(classes, 32), "fc_w"),
-                        g.const(g.randn(classes, scale=0.1), "fc_b")], "gemm", transB=1)
+    y = g.node(
+        "Gemm",
+        [x, g.const(g.randn(classes, 32), "fc_w"), g.const(g.randn(classes, scale=0.1), "fc_b")],
+        "gemm",
+        transB=1,
+    )
     g.rename_output(y, "logits")
     return g.model({"input": [1, 3, image, image]}, {"logits": [1, classes]})
 
@@ -209,8 +235,9 @@ def vgg(seed: int = 0, image: int = 16, classes: int = 10) -> onnx.ModelProto:
     return g.model({"input": [1, 3, image, image]}, {"logits": [1, classes]})
 
 
-def bert_encoder(seed: int = 0, layers: int = 2, d_model: int = 32, heads: int = 4,
-                 d_ff: int = 64, seq: int = 8) -> onnx.ModelProto:
+def bert_encoder(
+    seed: int = 0, layers: int = 2, d_model: int = 32, heads: int = 4, d_ff: int = 64, seq: int = 8
+) -> onnx.ModelProto:
     """BERT-style encoder on embeddings ``(1, seq, d_model)``: multi-head self-attention,
     residual + LayerNorm, erf-GELU feed-forward."""
     g = GraphBuilder("bert_encoder", seed)
@@ -229,16 +256,20 @@ def bert_encoder(seed: int = 0, layers: int = 2, d_model: int = 32, heads: int =
         q = g.node("Transpose", [q], perm=[0, 2, 1, 3])
         k = g.node("Transpose", [k], perm=[0, 2, 3, 1])
         v = g.node("Transpose", [v], perm=[0, 2, 1, 3])
-        scores = g.node("Div", [g.node("MatMul", [q, k]),
-                                g.constant(np.float32(np.sqrt(dh)))])
+        scores = g.node("Div", [g.node("MatMul", [q, k]), g.constant(np.float32(np.sqrt(dh)))])
         probs = g.node("Softmax", [scores], axis=-1)
         ctx = g.node("Transpose", [g.node("MatMul", [probs, v])], perm=[0, 2, 1, 3])
         attn = g.dense(g.node("Reshape", [ctx, merge]), d_model, d_model)
         x = layer_norm(g.node("Add", [x, attn]))
         h = g.dense(x, d_model, d_ff)
         erf = g.node("Erf", [g.node("Div", [h, g.constant(np.float32(np.sqrt(2.0)))])])
-        gelu = g.node("Mul", [g.node("Mul", [h, g.node("Add", [erf, g.constant(np.float32(1))])]),
-                              g.constant(np.float32(0.5))])
+        gelu = g.node(
+            "Mul",
+            [
+                g.node("Mul", [h, g.node("Add", [erf, g.constant(np.float32(1))])]),
+                g.constant(np.float32(0.5)),
+            ],
+        )
         x = layer_norm(g.node("Add", [x, g.dense(gelu, d_ff, d_model)]))
     g.rename_output(x, "output")
     return g.model({"input": [1, seq, d_model]}, {"output": [1, seq, d_model]})

@@ -1,0 +1,29 @@
+"""Shared helpers for the TVM-side tests: compile and run a module on the real VM."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import tvm
+from tvm import relax
+from tvm_qmfrg.passes.normalize import import_onnx
+
+HOST = tvm.target.Target({"kind": "llvm"})
+
+
+def input_shape(model: onnx.ModelProto) -> list[int]:
+    return [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+
+
+def random_input(model: onnx.ModelProto, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal(input_shape(model)).astype(np.float32)
+
+
+def run(mod: tvm.IRModule, x: np.ndarray) -> np.ndarray:
+    ex = tvm.compile(mod, target=HOST)
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    return vm["main"](tvm.runtime.tensor(x)).numpy()
+
+
+def load(model: onnx.ModelProto) -> tvm.IRModule:
+    return import_onnx(model)
