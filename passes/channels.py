@@ -281,14 +281,14 @@ class _Walker:
         for b in bindings:
             relax.analysis.post_order_visit(b.value, self._count_use)
         for b in bindings:
-            where = f"{self.name}: binding '{b.var.name}'"
+            where = f"binding '{b.var.name}'"
             if isinstance(b, relax.VarBinding):
                 self.visit(b.var, b.value, where)
             else:
                 for v in _vars_in(b.value):
                     self.freeze(self.layout.get(v), f"{where}: match_cast is not understood")
         for v in _vars_in(self.func.body.body):
-            self.freeze(self.layout.get(v), f"{self.name}: channels reach the function output")
+            self.freeze(self.layout.get(v), "channels reach the function output")
         roots = sorted({self.find(i) for i in range(len(self.spaces))})
         root = {i: self.find(i) for i in range(len(self.spaces))}
         return ChannelAnalysis(
@@ -799,5 +799,5 @@ def analyze_channels(func: relax.Function, name: str = "model") -> ChannelAnalys
     result = _Walker(func, name).run()
     for sp in result.spaces:
         if sp.frozen and sp.producers:
-            log.info("%s: group of %s frozen: %s", name, sp.producers[0].var.name, sp.frozen[0])
+            log.debug("%s: group of %s frozen: %s", name, sp.producers[0].var.name, sp.frozen[0])
     return result

@@ -33,7 +33,7 @@ from tvm_qmfrg import criteria as criteria_registry
 from tvm_qmfrg.criteria import EXACT_MERGES, ChannelGroup
 from tvm_qmfrg.errors import GraphError, OptionError
 from tvm_qmfrg.plan import FrozenGroup, GroupPlan, PruningPlan
-from tvm_qmfrg.selection import AxisCost, FlopsModel, resolve, select
+from tvm_qmfrg.selection import AxisCost, FlopsModel, check_options, resolve, select
 
 from .channels import ChannelAnalysis, Layout, Site, Space, analyze_channels
 from .flops import module_cost
@@ -223,6 +223,7 @@ def plan_pruning(
     their ONNX node names (in graph order).
     """
     factory = criteria_registry.get(criterion)
+    check_options(sparsity, flops_reduction, epsilon, min_channels, round_to)
     if epsilon is not None and criterion != "qmfrg":
         raise OptionError("epsilon (lossless merging) needs the qmfrg criterion")
     compensate = criterion == "qmfrg" if compensate is None else compensate
@@ -557,9 +558,9 @@ class QMFRGPrune:
         model: str = "model",
         plan: PruningPlan | None = None,
     ):
-        criteria_registry.get(criterion)  # fail early on an unknown name
-        if plan is None and sum(x is not None for x in (sparsity, flops_reduction, epsilon)) != 1:
-            raise OptionError("QMFRGPrune needs exactly one of sparsity, flops_reduction, epsilon")
+        criteria_registry.get(criterion)  # fail early, outside TVM's pass machinery
+        if plan is None:
+            check_options(sparsity, flops_reduction, epsilon, min_channels, round_to)
         if calibration is not None:
             raise OptionError("calibration data is not supported yet")
         self.options = dict(

@@ -55,22 +55,121 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_prune(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "prune",
+        help="remove redundant channels, neurons and heads (shapes really shrink)",
+        description="Prune an ONNX model with the QMFRGPrune Relax pass and report channels, "
+        "FLOPs and parameters before and after. Give exactly one of --flops-reduction, "
+        "--sparsity or --epsilon.",
+    )
+    p.add_argument("model", help="ONNX file")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument(
+        "--flops-reduction",
+        type=float,
+        metavar="F",
+        help="fraction of conv/matmul FLOPs to remove, allocated across layers",
+    )
+    target.add_argument(
+        "--sparsity",
+        type=float,
+        metavar="S",
+        help="fraction of channels to remove in every prunable group",
+    )
+    target.add_argument(
+        "--epsilon",
+        type=float,
+        metavar="RAD",
+        help="lossless mode: merge only channels within RAD radians (exact merges)",
+    )
+    p.add_argument(
+        "--criterion", default="qmfrg", help="qmfrg (default), spectral, magnitude, random or fpgm"
+    )
+    p.add_argument(
+        "--round-to",
+        type=int,
+        default=1,
+        metavar="N",
+        help="round kept channel counts up to a multiple of N (default 1)",
+    )
+    p.add_argument("--min-channels", type=int, default=1, metavar="N")
+    p.add_argument(
+        "--protect",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="leave groups whose producer name matches GLOB intact (repeatable)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the random criterion")
+    p.add_argument("--plan", metavar="OUT.json", help="write the pruning plan as JSON")
+    p.add_argument("--output", "-o", metavar="OUT.onnx", help="write the pruned model as ONNX")
+    p.set_defaults(func=_cmd_prune)
+
+
+def _cmd_prune(args: argparse.Namespace) -> int:
+    from .criteria import get as get_criterion
+    from .onnx_model import load_onnx, operator_names
+    from .passes.normalize import import_onnx
+    from .passes.onnx_export import export_onnx
+    from .passes.prune import apply_plan, plan_pruning
+    from .report import write_atomic
+    from .selection import check_options
+
+    get_criterion(args.criterion)
+    check_options(
+        args.sparsity, args.flops_reduction, args.epsilon, args.min_channels, args.round_to
+    )
+    model = load_onnx(args.model)
+    print(f"importing {args.model} into Relax ...", flush=True)
+    mod = import_onnx(model)
+    names = operator_names(model)
+    print("analyzing channel groups and choosing channels ...", flush=True)
+    plan = plan_pruning(
+        mod,
+        criterion=args.criterion,
+        sparsity=args.sparsity,
+        flops_reduction=args.flops_reduction,
+        epsilon=args.epsilon,
+        min_channels=args.min_channels,
+        round_to=args.round_to,
+        protect=args.protect,
+        seed=args.seed,
+        model=args.model,
+        names=names,
+    )
+    print(plan.table())
+    if args.plan:
+        plan.save(args.plan)
+        print(f"wrote plan {args.plan}")
+    if args.output:
+        pruned = apply_plan(mod, plan, names=names)
+        outputs = [o.name for o in model.graph.output]
+        onnx_model = export_onnx(
+            pruned, model_name=model.graph.name or "model", output_names=outputs
+        )
+        write_atomic(args.output, onnx_model.SerializeToString())
+        print(f"wrote pruned model {args.output}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tvm-qmfrg",
         description="Spectral-geometry pruning and operator substitution for Apache TVM.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_analyze(sub)
+    _add_prune(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
     try:

@@ -179,3 +179,18 @@ def default_model_path() -> str:
     from importlib.resources import files
 
     return str(files("tvm_qmfrg") / "data" / "digits_resnet.onnx")
+
+
+def operator_names(model: onnx.ModelProto) -> list[str]:
+    """Names of Conv/Gemm/MatMul nodes with a constant weight, in graph order.
+
+    TVM's ONNX frontend keeps node order, so these name the Relax conv2d/matmul ops with
+    constant weights one to one (unnamed nodes get ``OpType_index``).
+    """
+    consts = constants(model)
+    names = []
+    for i, node in enumerate(model.graph.node):
+        if node.op_type in ("Conv", "Gemm", "MatMul") and len(node.input) > 1:
+            if node.input[1] in consts:
+                names.append(node.name or f"{node.op_type}_{i}")
+    return names

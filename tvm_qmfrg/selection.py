@@ -128,29 +128,33 @@ def select(
     round_to: int = 1,
 ) -> list[Selection]:
     """Run one of the three modes (exactly one of sparsity/flops_reduction/epsilon)."""
-    given = [x is not None for x in (sparsity, flops_reduction, epsilon)]
-    if sum(given) != 1:
-        raise OptionError("give exactly one of sparsity, flops_reduction, epsilon")
-    if min_channels < 1 or round_to < 1:
-        raise OptionError(f"min_channels={min_channels} and round_to={round_to} must be >= 1")
+    check_options(sparsity, flops_reduction, epsilon, min_channels, round_to)
     mins = [max(1, math.ceil(min_channels / w)) for w in unit_widths]
     steps = [_step(g.units, w, round_to) for g, w in zip(groups, unit_widths)]
     if sparsity is not None:
-        if not 0 <= sparsity < 1:
-            raise OptionError(f"sparsity={sparsity} is outside [0, 1)")
         return [
             _per_group(g, s, max(m, g.units - math.floor(sparsity * g.units)), st)
             for g, s, m, st in zip(groups, scorers, mins, steps)
         ]
     if epsilon is not None:
-        if not 0 <= epsilon <= np.pi / 2:
-            raise OptionError(f"epsilon={epsilon} is outside [0, pi/2]")
         return [_lossless(g, s, epsilon, m) for g, s, m in zip(groups, scorers, mins)]
-    if not 0 <= flops_reduction < 1:
-        raise OptionError(f"flops_reduction={flops_reduction} is outside [0, 1)")
     if flops_model is None:
         raise OptionError("flops_reduction needs a FLOPs model")
     return _by_flops(groups, scorers, flops_reduction, flops_model, mins, steps)
+
+
+def check_options(sparsity, flops_reduction, epsilon, min_channels: int, round_to: int) -> None:
+    """Raise :class:`OptionError` unless exactly one target is given and all are in range."""
+    if sum(x is not None for x in (sparsity, flops_reduction, epsilon)) != 1:
+        raise OptionError("give exactly one of sparsity, flops_reduction, epsilon")
+    if sparsity is not None and not 0 <= sparsity < 1:
+        raise OptionError(f"sparsity={sparsity} is outside [0, 1)")
+    if flops_reduction is not None and not 0 <= flops_reduction < 1:
+        raise OptionError(f"flops_reduction={flops_reduction} is outside [0, 1)")
+    if epsilon is not None and not 0 <= epsilon <= np.pi / 2:
+        raise OptionError(f"epsilon={epsilon} is outside [0, pi/2]")
+    if min_channels < 1 or round_to < 1:
+        raise OptionError(f"min_channels={min_channels} and round_to={round_to} must be >= 1")
 
 
 def _per_group(group: ChannelGroup, scorer: Scorer, keep: int, step: int) -> Selection:
