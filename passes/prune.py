@@ -11,10 +11,11 @@ Use it as a pass::
 
     mod = QMFRGPrune(flops_reduction=0.5)(mod)
 
-or in two steps, keeping the plan::
+or keeping the plan (to save it, or apply it again later)::
 
-    plan = plan_pruning(mod, flops_reduction=0.5)
-    mod = apply_plan(mod, plan)
+    plan, pruned = prune_module(mod, flops_reduction=0.5)
+    plan.save("plan.json")
+    same = apply_plan(mod, PruningPlan.load("plan.json"))
 """
 
 from __future__ import annotations
@@ -125,23 +126,23 @@ def _build_groups(analysis: ChannelAnalysis, values: dict, names: dict) -> list[
         states = np.concatenate(rows, axis=1).reshape(units, -1)
         sq = np.zeros(units)
         for var, site, seg in _space_sites(analysis, sp, "consumer"):
-            wt = np.moveaxis(_consumer_weight(values, var, site), site.axis, 0).astype(np.float64)
-            for u in range(units):
-                pos = seg.positions(np.arange(u * w, (u + 1) * w))
-                sq[u] += float(np.sum(wt[pos] ** 2))
-        spectra = []
-        for u in range(units):
-            s = []
-            for p in sp.producers:
-                mat = p.weight[u * w : (u + 1) * w].reshape(-1, p.kernel)
-                s.append(np.linalg.svd(mat, compute_uv=False))
-            spectra.append(np.sort(np.concatenate(s))[::-1])
-        width = max(len(s) for s in spectra)
-        spec = np.stack([np.pad(s, (0, width - len(s))) for s in spectra])
+            wt = np.moveaxis(_consumer_weight(values, var, site), site.axis, 0)
+            per_position = np.square(wt.astype(np.float64)).reshape(wt.shape[0], -1).sum(axis=1)
+            sq += per_position[seg.start:seg.stop].reshape(units, -1).sum(axis=1)
+        spectra = np.concatenate([_unit_spectra(p.weight.reshape(units, -1, p.kernel))
+                                  for p in sp.producers], axis=1)
+        spec = -np.sort(-spectra, axis=1)
         pnames = [names.get(p.var, p.var.name) for p in sp.producers]
         data = ChannelGroup(pnames[0], states, np.sqrt(sq), spec, sp.merge)
         groups.append(_Group(sp, pnames[0], pnames, data, _feature_means(sp)))
     return groups
+
+
+def _unit_spectra(mats: np.ndarray) -> np.ndarray:
+    """Singular values of a batch of matrices (a one-row or one-column matrix: its norm)."""
+    if 1 in mats.shape[1:]:
+        return np.linalg.norm(mats.reshape(mats.shape[0], -1), axis=1, keepdims=True)
+    return np.linalg.svd(mats, compute_uv=False)
 
 
 def _feature_means(sp: Space) -> np.ndarray | None:
@@ -198,7 +199,7 @@ def _prepare(mod: tvm.IRModule, model: str, names: Sequence[str] | None):
     return norm_mod, analysis, values, groups, names_by_var
 
 
-def plan_pruning(
+def prune_module(
     mod: tvm.IRModule,
     *,
     criterion: str = "qmfrg",
@@ -212,8 +213,8 @@ def plan_pruning(
     seed: int = 0,
     model: str = "model",
     names: Sequence[str] | None = None,
-) -> PruningPlan:
-    """Decide what to prune in ``mod`` (its ``main``) and return the plan.
+) -> tuple[PruningPlan, tvm.IRModule]:
+    """Decide what to prune in ``mod`` (its ``main``); return the plan and the pruned module.
 
     Exactly one of ``sparsity`` (fraction of every group), ``flops_reduction`` (fraction of
     conv/matmul FLOPs, allocated across groups by the criterion) or ``epsilon`` (lossless:
@@ -303,9 +304,15 @@ def plan_pruning(
         flops_before=before.flops,
         params_before=before.params,
     )
-    after = module_cost(_rewrite(norm_mod, analysis, values, groups, plan, model))
+    pruned = _rewrite(norm_mod, analysis, values, groups, plan, model)
+    after = module_cost(pruned)
     plan.flops_after, plan.params_after = after.flops, after.params
-    return plan
+    return plan, pruned
+
+
+def plan_pruning(mod: tvm.IRModule, **options) -> PruningPlan:
+    """Only the plan of :func:`prune_module` (same keyword arguments)."""
+    return prune_module(mod, **options)[0]
 
 
 def _offsets(g: _Group, sel, merges) -> dict[int, float]:
@@ -580,5 +587,6 @@ class QMFRGPrune:
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         if self.plan is None:
-            self.plan = plan_pruning(mod, **self.options)
+            self.plan, pruned = prune_module(mod, **self.options)
+            return pruned
         return apply_plan(mod, self.plan, names=self.options["names"])

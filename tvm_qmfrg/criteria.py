@@ -94,21 +94,20 @@ class MergeScorer(Scorer):
         nonzero = norms > 0
         units = group.units
         if units <= DENSE_LIMIT:
-            unit = np.zeros_like(group.states, dtype=np.float64)
-            unit[nonzero] = unit_rows(group.states[nonzero], np.float64)
+            # float32 ranks the candidates; the chosen pair is recomputed in float64 (best())
+            unit = np.zeros(group.states.shape, dtype=np.float32)
+            unit[nonzero] = unit_rows(group.states[nonzero], np.float32)
             self.cos = unit @ unit.T
             np.fill_diagonal(self.cos, -np.inf)
             self.cos[~nonzero, :] = -np.inf
             self.cos[:, ~nonzero] = -np.inf
             self.candidates = None
         else:
-            graph = build_graph(group.states, k=KNN_CANDIDATES)
+            graph = build_graph(group.states, k=KNN_CANDIDATES, dtype=np.float32)
             self.candidates = _neighbour_lists(graph, units)
         self.states = group.states
 
-    def cosine(self, j: int, i: np.ndarray) -> np.ndarray:
-        if self.candidates is None:
-            return self.cos[j, i]
+    def exact_cosine(self, j: int, i: np.ndarray) -> np.ndarray:
         return (self.states[i] @ self.states[j]) / (self.norms[i] * self.norms[j])
 
     def best(self, j: int, alive: np.ndarray) -> tuple[float, int, float]:
@@ -117,15 +116,18 @@ class MergeScorer(Scorer):
         removal = float(self.costs[j] / self.scale)
         if cand.size == 0 or self.costs[j] == 0:
             return removal, -1, 0.0
-        cos = self.cosine(j, cand)
+        cos = self.cos[j, cand] if self.candidates is None else self.exact_cosine(j, cand)
         score = cos if self.signed else np.abs(cos)
         k = int(np.argmax(score))
         if not np.isfinite(score[k]) or score[k] <= 0:
             return removal, -1, 0.0
         i = int(cand[k])
-        sin = float(np.sqrt(max(0.0, 1.0 - min(1.0, score[k]) ** 2)))
-        scale = float(cos[k] * self.norms[j] / self.norms[i])
-        return removal * sin, i, scale
+        exact = float(self.exact_cosine(j, np.array([i]))[0])
+        score_i = exact if self.signed else abs(exact)
+        if score_i <= 0:
+            return removal, -1, 0.0
+        sin = float(np.sqrt(max(0.0, 1.0 - min(1.0, score_i) ** 2)))
+        return removal * sin, i, exact * self.norms[j] / self.norms[i]
 
 
 def _neighbour_lists(graph, units: int) -> list[np.ndarray]:

@@ -273,3 +273,31 @@ def bert_encoder(
         x = layer_norm(g.node("Add", [x, g.dense(gelu, d_ff, d_model)]))
     g.rename_output(x, "output")
     return g.model({"input": [1, seq, d_model]}, {"output": [1, seq, d_model]})
+
+
+def resnet50(seed: int = 0, image: int = 224, classes: int = 1000) -> onnx.ModelProto:
+    """ResNet-50-shaped (bottlenecks [3, 4, 6, 3], widths 64..2048), seeded random weights."""
+    g = GraphBuilder("resnet50", seed)
+    x = g.conv_bn("input", 3, 64, k=7, stride=2)
+    x = g.node("MaxPool", [x], "pool", kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])
+    cin = 64
+    for stage, (width, blocks) in enumerate(zip((64, 128, 256, 512), (3, 4, 6, 3))):
+        for b in range(blocks):
+            stride = 2 if stage > 0 and b == 0 else 1
+            cout = width * 4
+            y = g.conv_bn(x, cin, width, k=1)
+            y = g.conv_bn(y, width, width, k=3, stride=stride)
+            y = g.conv_bn(y, width, cout, k=1, act=None)
+            short = x if stride == 1 and cin == cout else g.conv_bn(x, cin, cout, 1, stride, act=None)
+            x = g.node("Relu", [g.node("Add", [y, short])])
+            cin = cout
+    x = g.node("Flatten", [g.node("GlobalAveragePool", [x])], axis=1)
+    y = g.node("Gemm", [x, g.const(g.randn(classes, cin), "fc_w"),
+                        g.const(g.randn(classes, scale=0.1), "fc_b")], "gemm", transB=1)
+    g.rename_output(y, "logits")
+    return g.model({"input": [1, 3, image, image]}, {"logits": [1, classes]})
+
+
+def bert_base(seed: int = 0, seq: int = 128) -> onnx.ModelProto:
+    """BERT-base-shaped encoder: 12 layers, d_model 768, 12 heads, FFN 3072."""
+    return bert_encoder(seed=seed, layers=12, d_model=768, heads=12, d_ff=3072, seq=seq)
