@@ -16,9 +16,10 @@ import os
 import platform
 import time
 
-from tvm_qmfrg import synthetic
 from tvm_qmfrg.passes.normalize import import_onnx
 from tvm_qmfrg.passes.prune import QMFRGPrune
+
+from tvm_qmfrg import synthetic
 from tvm_qmfrg.report import write_json
 
 
@@ -38,16 +39,28 @@ def main() -> None:
             prune(mod)
             seconds = time.perf_counter() - t0
             plan = prune.plan
-            rows.append({
-                "model": name, "criterion": criterion, "pass_seconds": round(seconds, 3),
-                "import_seconds": round(import_s, 3), "groups": len(plan.groups),
-                "channels": sum(g.channels for g in plan.groups),
-                "flops_reduction": round(plan.flops_reduction, 4),
-                "params_before": plan.params_before, "params_after": plan.params_after,
-            })
+            rows.append(
+                {
+                    "model": name,
+                    "criterion": criterion,
+                    "pass_seconds": round(seconds, 3),
+                    "import_seconds": round(import_s, 3),
+                    "groups": len(plan.groups),
+                    "channels": sum(g.channels for g in plan.groups),
+                    "flops_reduction": round(plan.flops_reduction, 4),
+                    "params_before": plan.params_before,
+                    "params_after": plan.params_after,
+                }
+            )
             print(json.dumps(rows[-1]), flush=True)
-    write_json(args.out, {"command": "python benchmarks/bench_prune.py",
-                          "machine": {"cpu": platform.machine(), "cores": os.cpu_count()}, "results": rows})
+    write_json(
+        args.out,
+        {
+            "command": "python benchmarks/bench_prune.py",
+            "machine": {"cpu": platform.machine(), "cores": os.cpu_count()},
+            "results": rows,
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import tvm
@@ -36,9 +36,11 @@ from tvm_qmfrg.errors import GraphError, OptionError
 from tvm_qmfrg.plan import FrozenGroup, GroupPlan, PruningPlan
 from tvm_qmfrg.selection import AxisCost, FlopsModel, check_options, resolve, select
 
-from .channels import ChannelAnalysis, Layout, Site, Space, analyze_channels
+from . import calibrate
+from .channels import ChannelAnalysis, Space, analyze_channels
 from .flops import module_cost
 from .normalize import normalize
+from .rewrite import Rewriter, plan_edits
 
 log = logging.getLogger(__name__)
 
@@ -98,10 +100,6 @@ def _producer_names(func: relax.Function, names: Sequence[str] | None) -> dict:
     return {var: name for (var, _), name in zip(ops, names)}
 
 
-def _consumer_weight(binding_values: dict, var, site: Site) -> np.ndarray:
-    return binding_values[var].args[site.arg].value.numpy()
-
-
 def _space_sites(analysis: ChannelAnalysis, space: Space, role: str):
     """Every ``(var, site, segment)`` of ``role`` whose segment belongs to ``space``."""
     for var, sites in analysis.sites.items():
@@ -116,7 +114,7 @@ def _space_sites(analysis: ChannelAnalysis, space: Space, role: str):
 def _build_groups(analysis: ChannelAnalysis, values: dict, names: dict) -> list[_Group]:
     groups = []
     for sp in analysis.prunable():
-        units, w = sp.units, sp.unit
+        units = sp.units
         rows = [
             np.concatenate(
                 [p.weight * p.scale[:, None], (p.bias * p.scale + p.shift)[:, None]], axis=1
@@ -126,11 +124,12 @@ def _build_groups(analysis: ChannelAnalysis, values: dict, names: dict) -> list[
         states = np.concatenate(rows, axis=1).reshape(units, -1)
         sq = np.zeros(units)
         for var, site, seg in _space_sites(analysis, sp, "consumer"):
-            wt = np.moveaxis(_consumer_weight(values, var, site), site.axis, 0)
+            wt = np.moveaxis(values[var].args[site.arg].value.numpy(), site.axis, 0)
             per_position = np.square(wt.astype(np.float64)).reshape(wt.shape[0], -1).sum(axis=1)
-            sq += per_position[seg.start:seg.stop].reshape(units, -1).sum(axis=1)
-        spectra = np.concatenate([_unit_spectra(p.weight.reshape(units, -1, p.kernel))
-                                  for p in sp.producers], axis=1)
+            sq += per_position[seg.start : seg.stop].reshape(units, -1).sum(axis=1)
+        spectra = np.concatenate(
+            [_unit_spectra(p.weight.reshape(units, -1, p.kernel)) for p in sp.producers], axis=1
+        )
         spec = -np.sort(-spectra, axis=1)
         pnames = [names.get(p.var, p.var.name) for p in sp.producers]
         data = ChannelGroup(pnames[0], states, np.sqrt(sq), spec, sp.merge)
@@ -210,6 +209,7 @@ def prune_module(
     round_to: int = 1,
     protect: Sequence[str] = (),
     compensate: bool | None = None,
+    calibration=None,
     seed: int = 0,
     model: str = "model",
     names: Sequence[str] | None = None,
@@ -220,8 +220,10 @@ def prune_module(
     conv/matmul FLOPs, allocated across groups by the criterion) or ``epsilon`` (lossless:
     exact merges within ``epsilon`` radians). ``protect`` holds glob patterns of producer
     names whose groups stay intact. ``compensate`` folds data-free bias compensation into
-    the consumers (default: on for ``qmfrg``). ``names`` gives the conv/matmul producers
-    their ONNX node names (in graph order).
+    the consumers (default: on for ``qmfrg``). ``calibration`` (an input array, a list of
+    them, or a dict by input name; leading axis = samples) switches on data-aware mode: every
+    pruned group's consumers are refit by least squares on the activations they read.
+    ``names`` gives the conv/matmul producers their ONNX node names (in graph order).
     """
     factory = criteria_registry.get(criterion)
     check_options(sparsity, flops_reduction, epsilon, min_channels, round_to)
@@ -285,6 +287,8 @@ def prune_module(
                 offsets,
             )
         )
+    if calibration is not None:
+        _refit_groups(norm_mod, analysis, values, active, plans, calibration, model)
     before = module_cost(norm_mod)
     plan = PruningPlan(
         model=model,
@@ -297,6 +301,7 @@ def prune_module(
             "round_to": round_to,
             "protect": list(protect),
             "compensate": compensate,
+            "calibrated": calibration is not None,
             "seed": seed,
         },
         groups=plans,
@@ -308,6 +313,40 @@ def prune_module(
     after = module_cost(pruned)
     plan.flops_after, plan.params_after = after.flops, after.params
     return plan, pruned
+
+
+def _refit_groups(norm_mod, analysis, values, active, plans, calibration, model) -> None:
+    """Data-aware mode: replace merges by least-squares refits on calibration activations."""
+    reads = {}
+    for g, gp in zip(active, plans):
+        if len(gp.kept) == gp.units:
+            continue
+        found = [
+            (values[var].args[0], site, seg)
+            for var, site, seg in _space_sites(analysis, g.space, "consumer")
+        ]
+        found = [f for f in found if isinstance(f[0], relax.Var) and f[2].ppf >= 1]
+        if found:
+            counts = {}
+            for src, _, _ in found:
+                counts[src] = counts.get(src, 0) + 1
+            best = max(found, key=lambda f: counts[f[0]])
+            reads[g.space.id] = best
+    acts = calibrate.collect(
+        norm_mod, list({src: None for src, _, _ in reads.values()}), calibration
+    )
+    for g, gp in zip(active, plans):
+        if g.space.id not in reads:
+            continue
+        src, site, seg = reads[g.space.id]
+        samples = calibrate.feature_samples(acts[src], site.layout, seg)
+        u = gp.unit
+        kept = np.array([f for k in gp.kept for f in range(k * u, (k + 1) * u)])
+        pruned = np.array(sorted(set(range(gp.channels)) - set(kept.tolist())))
+        r, mu = calibrate.refit(samples, kept, pruned)
+        gp.refit = r.tolist()
+        gp.offsets = {int(f): float(m) for f, m in zip(pruned, mu)}
+        log.info("%s: group %s refit on %d samples", model, gp.name, samples.shape[0])
 
 
 def plan_pruning(mod: tvm.IRModule, **options) -> PruningPlan:
@@ -331,176 +370,6 @@ def _offsets(g: _Group, sel, merges) -> dict[int, float]:
     return out
 
 
-# ---- rewriting ---------------------------------------------------------------------------
-
-
-@dataclass
-class _Edit:
-    """Everything to change in one binding."""
-
-    slices: dict[int, list[tuple[int, np.ndarray]]] = field(default_factory=dict)
-    folds: list[tuple[Site, list]] = field(default_factory=list)  # consumer sites + merge specs
-    shape: tuple[int, int] | None = None  # (axis, new size) of a reshape target
-    groups: int | None = None  # new groups of a depthwise conv
-    bias: np.ndarray | None = None  # compensation added to the output
-    out_keep: np.ndarray | None = None  # kept output positions when the binding also produces
-
-
-def _keep_positions(analysis: ChannelAnalysis, layout: Layout, decided: dict) -> np.ndarray | None:
-    """Kept positions of a layout's axis, or None when nothing on it shrinks."""
-    mask = np.ones(layout.size, dtype=bool)
-    for seg in layout.segments:
-        gp = decided.get(analysis.root[seg.space])
-        if gp is None:
-            continue
-        kept = np.zeros(gp.units, dtype=bool)
-        kept[gp.kept] = True
-        dropped = [f for u in np.flatnonzero(~kept) for f in range(u * gp.unit, (u + 1) * gp.unit)]
-        if dropped:
-            mask[seg.positions(np.array(dropped))] = False
-    return None if mask.all() else np.flatnonzero(mask)
-
-
-def _fold_consumer(
-    weight: np.ndarray, site: Site, analysis, decided
-) -> tuple[np.ndarray, np.ndarray]:
-    """Fold merges (or a refit) into a consumer weight; also return the bias compensation.
-
-    For ``a_p ~= sum_k R[p, k] a_k + mu_p``: ``V[:, k] += sum_p R[p, k] V[:, p]`` and the output
-    gains ``sum_p mu_p V[:, p]`` (summed over kernel taps).
-    """
-    w = np.moveaxis(weight.astype(np.float64), site.axis, 0).copy()
-    out_axis = site.out_axis + 1 if site.out_axis < site.axis else site.out_axis
-    taps = np.moveaxis(w, out_axis, 1).reshape(w.shape[0], w.shape[out_axis], -1).sum(axis=2)
-    bias = np.zeros(taps.shape[1])
-    for seg in site.layout.segments:
-        gp = decided.get(analysis.root[seg.space])
-        if gp is None:
-            continue
-        u = gp.unit
-        for f, mu in gp.offsets.items():
-            bias += mu * taps[seg.positions(np.array([f]))].sum(axis=0)
-        if gp.refit is not None:
-            kept = np.array([f for k in gp.kept for f in range(k * u, (k + 1) * u)])
-            pruned = np.array(sorted(set(range(gp.channels)) - set(kept.tolist())))
-            r = np.asarray(gp.refit)
-            if seg.ppf < 1:
-                log.warning("refit through a head-split layout is not supported; skipped")
-                continue
-            ppf = int(seg.ppf)
-            wp = w[seg.positions(pruned)].reshape((pruned.size, ppf) + w.shape[1:])
-            pos_k = seg.positions(kept)
-            wk = w[pos_k].reshape((kept.size, ppf) + w.shape[1:])
-            wk += np.tensordot(r, wp, axes=([0], [0]))
-            w[pos_k] = wk.reshape((-1,) + w.shape[1:])
-            continue
-        for j, i, c in gp.merges:
-            pj = seg.positions(np.arange(j * u, (j + 1) * u))
-            pi = seg.positions(np.arange(i * u, (i + 1) * u))
-            w[pi] += c * w[pj]
-    return np.moveaxis(w, 0, site.axis).astype(weight.dtype), bias
-
-
-def _edits(analysis: ChannelAnalysis, values: dict, decided: dict) -> dict:
-    edits: dict = {}
-    for var, sites in analysis.sites.items():
-        edit = _Edit()
-        for site in sites:
-            keep = _keep_positions(analysis, site.layout, decided)
-            if site.role == "consumer":
-                edit.folds.append((site, None))
-            if keep is None:
-                continue
-            if site.role == "shape":
-                edit.shape = (site.axis, int(keep.size))
-                continue
-            edit.slices.setdefault(site.arg, []).append((site.axis, keep))
-            if site.role == "depthwise":
-                edit.groups = int(keep.size)
-            if site.role == "producer":
-                edit.out_keep = keep
-        if edit.slices or edit.shape or edit.folds:
-            edits[var] = edit
-    return edits
-
-
-def _new_call(call: relax.Call, args: list, edit: _Edit, analysis, decided):
-    """The edited call (built from the already remapped ``args``) and its output bias."""
-    arrays = {i: args[i].value.numpy() for i in edit.slices}
-    bias = None
-    for site, _ in edit.folds:
-        arr = arrays.get(site.arg, args[site.arg].value.numpy())
-        arr, b = _fold_consumer(arr, site, analysis, decided)
-        arrays[site.arg] = arr
-        if np.any(b):
-            bias = b if bias is None else bias + b
-    for i, cuts in edit.slices.items():
-        for axis, keep in cuts:
-            arrays[i] = np.take(arrays[i], keep, axis=axis)
-    for i, arr in arrays.items():
-        args[i] = relax.const(np.ascontiguousarray(arr))
-    if bias is not None and edit.out_keep is not None:
-        bias = bias[edit.out_keep]
-    name = call.op.name
-    if edit.shape is not None:
-        axis, size = edit.shape
-        dims = list(args[1].values)
-        dims[axis] = size
-        return relax.op.reshape(args[0], relax.ShapeExpr(dims)), bias
-    if edit.groups is not None and name == "relax.nn.conv2d":
-        a = call.attrs
-        return relax.op.nn.conv2d(
-            args[0],
-            args[1],
-            strides=a.strides,
-            padding=a.padding,
-            dilation=a.dilation,
-            groups=edit.groups,
-            data_layout=a.data_layout,
-            kernel_layout=a.kernel_layout,
-            out_layout=a.out_layout,
-            out_dtype=a.out_dtype,
-        ), bias
-    return relax.Call(call.op, args, call.attrs, call.ty_args), bias
-
-
-@relax.expr_functor.mutator
-class _Rewriter(relax.PyExprMutator):
-    def __init__(self, mod: tvm.IRModule, edits: dict, analysis, decided):
-        super().__init__(mod)
-        self.mod_ = mod
-        self.edits = edits
-        self.analysis = analysis
-        self.decided = decided
-
-    def visit_var_binding_(self, binding: relax.VarBinding) -> None:
-        edit = self.edits.get(binding.var)
-        if edit is None:
-            super().visit_var_binding_(binding)
-            return
-        call = binding.value
-        args = [self.visit_expr(a) for a in call.args]
-        value, bias = _new_call(call, args, edit, self.analysis, self.decided)
-        output = not isinstance(binding.var, relax.DataflowVar)
-        name = binding.var.name
-        if bias is not None:
-            out = self.builder_.emit(value, name_hint=name + "_pruned")
-            dims = len(out.ty.shape.values)
-            shape = [1] * dims
-            shape[1 if call.op.name == "relax.nn.conv2d" else dims - 1] = bias.size
-            dtype = str(out.ty.dtype)
-            value = relax.op.add(out, relax.const(bias.reshape(shape).astype(dtype)))
-        new_var = (
-            self.builder_.emit_output(value, name) if output else self.builder_.emit(value, name)
-        )
-        self.set_var_remap(binding.var, new_var)
-
-    def transform(self) -> tvm.IRModule:
-        gv = self.mod_.get_global_var("main")
-        self.builder_.update_func(gv, self.visit_expr(self.mod_["main"]))
-        return self.builder_.get()
-
-
 def _match_plan(groups: list[_Group], plan: PruningPlan, model: str) -> dict:
     """Plan groups by space id; a plan that does not fit the module is a GraphError."""
     by_name = {g.name: g for g in groups}
@@ -518,8 +387,8 @@ def _match_plan(groups: list[_Group], plan: PruningPlan, model: str) -> dict:
 
 def _rewrite(norm_mod, analysis, values, groups, plan: PruningPlan, model: str) -> tvm.IRModule:
     decided = _match_plan(groups, plan, model)
-    edits = _edits(analysis, values, decided)
-    new_mod = _Rewriter(norm_mod, edits, analysis, decided).transform()
+    edits = plan_edits(analysis, decided)
+    new_mod = Rewriter(norm_mod, edits, analysis, decided).transform()
     new_mod = relax.transform.DeadCodeElimination()(new_mod)
     try:
         relax.analysis.well_formed(new_mod)
@@ -568,8 +437,6 @@ class QMFRGPrune:
         criteria_registry.get(criterion)  # fail early, outside TVM's pass machinery
         if plan is None:
             check_options(sparsity, flops_reduction, epsilon, min_channels, round_to)
-        if calibration is not None:
-            raise OptionError("calibration data is not supported yet")
         self.options = dict(
             criterion=criterion,
             sparsity=sparsity,
@@ -579,6 +446,7 @@ class QMFRGPrune:
             round_to=round_to,
             protect=tuple(protect),
             compensate=compensate,
+            calibration=calibration,
             seed=seed,
             model=model,
             names=names,

@@ -19,10 +19,14 @@ def random_input(model: onnx.ModelProto, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal(input_shape(model)).astype(np.float32)
 
 
+def compiled(mod: tvm.IRModule):
+    """Compile once; return ``f(x) -> numpy output`` running on the VM."""
+    vm = relax.VirtualMachine(tvm.compile(mod, target=HOST), tvm.cpu())
+    return lambda x: vm["main"](tvm.runtime.tensor(x)).numpy()
+
+
 def run(mod: tvm.IRModule, x: np.ndarray) -> np.ndarray:
-    ex = tvm.compile(mod, target=HOST)
-    vm = relax.VirtualMachine(ex, tvm.cpu())
-    return vm["main"](tvm.runtime.tensor(x)).numpy()
+    return compiled(mod)(x)
 
 
 def load(model: onnx.ModelProto) -> tvm.IRModule:

@@ -288,12 +288,18 @@ def resnet50(seed: int = 0, image: int = 224, classes: int = 1000) -> onnx.Model
             y = g.conv_bn(x, cin, width, k=1)
             y = g.conv_bn(y, width, width, k=3, stride=stride)
             y = g.conv_bn(y, width, cout, k=1, act=None)
-            short = x if stride == 1 and cin == cout else g.conv_bn(x, cin, cout, 1, stride, act=None)
+            short = (
+                x if stride == 1 and cin == cout else g.conv_bn(x, cin, cout, 1, stride, act=None)
+            )
             x = g.node("Relu", [g.node("Add", [y, short])])
             cin = cout
     x = g.node("Flatten", [g.node("GlobalAveragePool", [x])], axis=1)
-    y = g.node("Gemm", [x, g.const(g.randn(classes, cin), "fc_w"),
-                        g.const(g.randn(classes, scale=0.1), "fc_b")], "gemm", transB=1)
+    y = g.node(
+        "Gemm",
+        [x, g.const(g.randn(classes, cin), "fc_w"), g.const(g.randn(classes, scale=0.1), "fc_b")],
+        "gemm",
+        transB=1,
+    )
     g.rename_output(y, "logits")
     return g.model({"input": [1, 3, image, image]}, {"logits": [1, classes]})
 

@@ -1,0 +1,191 @@
+"""Apply channel decisions to a normalized Relax function: slice, fold, re-emit.
+
+Given the :class:`~.channels.ChannelAnalysis` sites and the decided
+:class:`~tvm_qmfrg.plan.GroupPlan` of every pruned space, each edited binding is rebuilt:
+constants sliced along their channel axes, consumer weights first receive the merges (or the
+least-squares refit) of the pruned channels, reshape targets and depthwise ``groups`` shrink,
+and a consumer whose inputs lost mean activation gets the compensation added to its output.
+Every other binding is re-emitted unchanged, so Relax re-infers all shapes downstream.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from .channels import ChannelAnalysis, Layout, Site
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Edit:
+    """Everything to change in one binding."""
+
+    slices: dict[int, list[tuple[int, np.ndarray]]] = field(default_factory=dict)
+    folds: list[Site] = field(default_factory=list)  # consumer sites receiving merges
+    shape: tuple[int, int] | None = None  # (axis, new size) of a reshape target
+    groups: int | None = None  # new groups of a depthwise conv
+    out_keep: np.ndarray | None = None  # kept output positions when the binding also produces
+
+
+def _keep_positions(analysis: ChannelAnalysis, layout: Layout, decided: dict) -> np.ndarray | None:
+    """Kept positions of a layout's axis, or None when nothing on it shrinks."""
+    mask = np.ones(layout.size, dtype=bool)
+    for seg in layout.segments:
+        gp = decided.get(analysis.root[seg.space])
+        if gp is None:
+            continue
+        kept = np.zeros(gp.units, dtype=bool)
+        kept[gp.kept] = True
+        dropped = [f for u in np.flatnonzero(~kept) for f in range(u * gp.unit, (u + 1) * gp.unit)]
+        if dropped:
+            mask[seg.positions(np.array(dropped))] = False
+    return None if mask.all() else np.flatnonzero(mask)
+
+
+def _fold_consumer(
+    weight: np.ndarray, site: Site, analysis, decided
+) -> tuple[np.ndarray, np.ndarray]:
+    """Fold merges (or a refit) into a consumer weight; also return the bias compensation.
+
+    For ``a_p ~= sum_k R[p, k] a_k + mu_p``: ``V[:, k] += sum_p R[p, k] V[:, p]`` and the output
+    gains ``sum_p mu_p V[:, p]`` (summed over kernel taps).
+    """
+    w = np.moveaxis(weight.astype(np.float64), site.axis, 0).copy()
+    out_axis = site.out_axis + 1 if site.out_axis < site.axis else site.out_axis
+    taps = np.moveaxis(w, out_axis, 1).reshape(w.shape[0], w.shape[out_axis], -1).sum(axis=2)
+    bias = np.zeros(taps.shape[1])
+    for seg in site.layout.segments:
+        gp = decided.get(analysis.root[seg.space])
+        if gp is None:
+            continue
+        u = gp.unit
+        for f, mu in gp.offsets.items():
+            bias += mu * taps[seg.positions(np.array([f]))].sum(axis=0)
+        if gp.refit is not None:
+            kept = np.array([f for k in gp.kept for f in range(k * u, (k + 1) * u)])
+            pruned = np.array(sorted(set(range(gp.channels)) - set(kept.tolist())))
+            r = np.asarray(gp.refit)
+            if seg.ppf < 1:
+                log.warning("refit through a head-split layout is not supported; skipped")
+                continue
+            ppf = int(seg.ppf)
+            wp = w[seg.positions(pruned)].reshape((pruned.size, ppf) + w.shape[1:])
+            pos_k = seg.positions(kept)
+            wk = w[pos_k].reshape((kept.size, ppf) + w.shape[1:])
+            wk += np.tensordot(r, wp, axes=([0], [0]))
+            w[pos_k] = wk.reshape((-1,) + w.shape[1:])
+            continue
+        for j, i, c in gp.merges:
+            pj = seg.positions(np.arange(j * u, (j + 1) * u))
+            pi = seg.positions(np.arange(i * u, (i + 1) * u))
+            w[pi] += c * w[pj]
+    return np.moveaxis(w, 0, site.axis).astype(weight.dtype), bias
+
+
+def plan_edits(analysis: ChannelAnalysis, decided: dict) -> dict:
+    """Per binding var, the :class:`_Edit` that realizes ``decided`` (space id -> GroupPlan)."""
+    edits: dict = {}
+    for var, sites in analysis.sites.items():
+        edit = _Edit()
+        for site in sites:
+            keep = _keep_positions(analysis, site.layout, decided)
+            if site.role == "consumer":
+                edit.folds.append(site)
+            if keep is None:
+                continue
+            if site.role == "shape":
+                edit.shape = (site.axis, int(keep.size))
+                continue
+            edit.slices.setdefault(site.arg, []).append((site.axis, keep))
+            if site.role == "depthwise":
+                edit.groups = int(keep.size)
+            if site.role == "producer":
+                edit.out_keep = keep
+        if edit.slices or edit.shape or edit.folds:
+            edits[var] = edit
+    return edits
+
+
+def _new_call(call: relax.Call, args: list, edit: _Edit, analysis, decided):
+    """The edited call (built from the already remapped ``args``) and its output bias."""
+    arrays = {i: args[i].value.numpy() for i in edit.slices}
+    bias = None
+    for site in edit.folds:
+        arr = arrays.get(site.arg, args[site.arg].value.numpy())
+        arr, b = _fold_consumer(arr, site, analysis, decided)
+        arrays[site.arg] = arr
+        if np.any(b):
+            bias = b if bias is None else bias + b
+    for i, cuts in edit.slices.items():
+        for axis, keep in cuts:
+            arrays[i] = np.take(arrays[i], keep, axis=axis)
+    for i, arr in arrays.items():
+        args[i] = relax.const(np.ascontiguousarray(arr))
+    if bias is not None and edit.out_keep is not None:
+        bias = bias[edit.out_keep]
+    name = call.op.name
+    if edit.shape is not None:
+        axis, size = edit.shape
+        dims = list(args[1].values)
+        dims[axis] = size
+        return relax.op.reshape(args[0], relax.ShapeExpr(dims)), bias
+    if edit.groups is not None and name == "relax.nn.conv2d":
+        a = call.attrs
+        return relax.op.nn.conv2d(
+            args[0],
+            args[1],
+            strides=a.strides,
+            padding=a.padding,
+            dilation=a.dilation,
+            groups=edit.groups,
+            data_layout=a.data_layout,
+            kernel_layout=a.kernel_layout,
+            out_layout=a.out_layout,
+            out_dtype=a.out_dtype,
+        ), bias
+    return relax.Call(call.op, args, call.attrs, call.ty_args), bias
+
+
+@relax.expr_functor.mutator
+class Rewriter(relax.PyExprMutator):
+    """Re-emit ``main`` with the edits applied (see module docstring)."""
+
+    def __init__(self, mod: tvm.IRModule, edits: dict, analysis, decided):
+        super().__init__(mod)
+        self.mod_ = mod
+        self.edits = edits
+        self.analysis = analysis
+        self.decided = decided
+
+    def visit_var_binding_(self, binding: relax.VarBinding) -> None:
+        edit = self.edits.get(binding.var)
+        if edit is None:
+            super().visit_var_binding_(binding)
+            return
+        call = binding.value
+        args = [self.visit_expr(a) for a in call.args]
+        value, bias = _new_call(call, args, edit, self.analysis, self.decided)
+        output = not isinstance(binding.var, relax.DataflowVar)
+        name = binding.var.name
+        if bias is not None:
+            out = self.builder_.emit(value, name_hint=name + "_pruned")
+            dims = len(out.ty.shape.values)
+            shape = [1] * dims
+            shape[1 if call.op.name == "relax.nn.conv2d" else dims - 1] = bias.size
+            dtype = str(out.ty.dtype)
+            value = relax.op.add(out, relax.const(bias.reshape(shape).astype(dtype)))
+        new_var = (
+            self.builder_.emit_output(value, name) if output else self.builder_.emit(value, name)
+        )
+        self.set_var_remap(binding.var, new_var)
+
+    def transform(self) -> tvm.IRModule:
+        gv = self.mod_.get_global_var("main")
+        self.builder_.update_func(gv, self.visit_expr(self.mod_["main"]))
+        return self.builder_.get()
