@@ -17,3 +17,8 @@ for _cls in (
     _errors.GraphError,
 ):
     tvm_ffi.register_error(_cls.__name__, _cls)
+
+from .onnx_export import export_onnx  # noqa: E402
+from .prune import QMFRGPrune, apply_plan, plan_pruning, prune_module  # noqa: E402
+
+__all__ = ["QMFRGPrune", "apply_plan", "export_onnx", "plan_pruning", "prune_module"]

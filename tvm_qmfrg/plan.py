@@ -119,7 +119,7 @@ class PruningPlan:
         rows = [
             [
                 g.name,
-                ", ".join(g.producers),
+                len(g.producers),
                 g.channels,
                 g.kept_channels,
                 len(g.merges),

@@ -103,6 +103,21 @@ class GraphBuilder:
             y = self.node("Clip", [y, self.constant(np.float32(0)), self.constant(np.float32(6))])
         return y
 
+    def residual(self, x: str, y: str, cin: int, cout: int, stride: int) -> str:
+        """``relu(y + shortcut(x))``; the shortcut is a strided 1x1 conv-BN when shapes differ."""
+        short = (
+            x if stride == 1 and cin == cout else self.conv_bn(x, cin, cout, 1, stride, act=None)
+        )
+        return self.node("Relu", [self.node("Add", [y, short])])
+
+    def classifier(self, x: str, cin: int, classes: int, image: int) -> onnx.ModelProto:
+        """Global average pool, flatten, Gemm to ``logits``; the finished model."""
+        x = self.node("Flatten", [self.node("GlobalAveragePool", [x])], axis=1)
+        w = self.const(self.randn(classes, cin), "fc_w")
+        b = self.const(self.randn(classes, scale=0.1), "fc_b")
+        self.rename_output(self.node("Gemm", [x, w, b], "gemm", transB=1), "logits")
+        return self.model({"input": [1, 3, image, image]}, {"logits": [1, classes]})
+
     def dense(self, x: str, cin: int, cout: int, bias: bool = True) -> str:
         y = self.node(
             "MatMul",
@@ -143,12 +158,7 @@ def small_cnn(
     for cout in channels:
         x = g.node("Relu", [g.batchnorm(g.conv(x, cin, cout), cout)])
         cin = cout
-    x = g.node("Flatten", [g.node("GlobalAveragePool", [x])], axis=1)
-    w = g.const(g.randn(classes, cin), "fc_w")
-    b = g.const(g.randn(classes, scale=0.1), "fc_b")
-    y = g.node("Gemm", [x, w, b], "gemm", transB=1)
-    g.rename_output(y, "logits")
-    return g.model({"input": [1, 3, image, image]}, {"logits": [1, classes]})
+    return g.classifier(x, cin, classes, image)
 
 
 def mlp(seed: int = 0, sizes: tuple[int, ...] = (32, 64, 48, 10)) -> onnx.ModelProto:
@@ -179,20 +189,9 @@ def resnet_cifar(
             stride = 2 if stage > 0 and b == 0 else 1
             y = g.conv_bn(x, cin, cout, stride=stride)
             y = g.conv_bn(y, cout, cout, act=None)
-            short = (
-                x if stride == 1 and cin == cout else g.conv_bn(x, cin, cout, 1, stride, act=None)
-            )
-            x = g.node("Relu", [g.node("Add", [y, short])])
+            x = g.residual(x, y, cin, cout, stride)
             cin = cout
-    x = g.node("Flatten", [g.node("GlobalAveragePool", [x])], axis=1)
-    y = g.node(
-        "Gemm",
-        [x, g.const(g.randn(classes, cin), "fc_w"), g.const(g.randn(classes, scale=0.1), "fc_b")],
-        "gemm",
-        transB=1,
-    )
-    g.rename_output(y, "logits")
-    return g.model({"input": [1, 3, image, image]}, {"logits": [1, classes]})
+    return g.classifier(x, cin, classes, image)
 
 
 def mobilenet_v2(seed: int = 0, image: int = 16, classes: int = 10) -> onnx.ModelProto:
@@ -208,15 +207,7 @@ def mobilenet_v2(seed: int = 0, image: int = 16, classes: int = 10) -> onnx.Mode
         x = g.node("Add", [x, y]) if stride == 1 and cin == cout else y
         cin = cout
     x = g.conv_bn(x, cin, 32, k=1, act="Relu6")
-    x = g.node("Flatten", [g.node("GlobalAveragePool", [x])], axis=1)
-    y = g.node(
-        "Gemm",
-        [x, g.const(g.randn(classes, 32), "fc_w"), g.const(g.randn(classes, scale=0.1), "fc_b")],
-        "gemm",
-        transB=1,
-    )
-    g.rename_output(y, "logits")
-    return g.model({"input": [1, 3, image, image]}, {"logits": [1, classes]})
+    return g.classifier(x, 32, classes, image)
 
 
 def vgg(seed: int = 0, image: int = 16, classes: int = 10) -> onnx.ModelProto:
@@ -288,20 +279,9 @@ def resnet50(seed: int = 0, image: int = 224, classes: int = 1000) -> onnx.Model
             y = g.conv_bn(x, cin, width, k=1)
             y = g.conv_bn(y, width, width, k=3, stride=stride)
             y = g.conv_bn(y, width, cout, k=1, act=None)
-            short = (
-                x if stride == 1 and cin == cout else g.conv_bn(x, cin, cout, 1, stride, act=None)
-            )
-            x = g.node("Relu", [g.node("Add", [y, short])])
+            x = g.residual(x, y, cin, cout, stride)
             cin = cout
-    x = g.node("Flatten", [g.node("GlobalAveragePool", [x])], axis=1)
-    y = g.node(
-        "Gemm",
-        [x, g.const(g.randn(classes, cin), "fc_w"), g.const(g.randn(classes, scale=0.1), "fc_b")],
-        "gemm",
-        transB=1,
-    )
-    g.rename_output(y, "logits")
-    return g.model({"input": [1, 3, image, image]}, {"logits": [1, classes]})
+    return g.classifier(x, cin, classes, image)
 
 
 def bert_base(seed: int = 0, seq: int = 128) -> onnx.ModelProto:
