@@ -20,5 +20,14 @@ for _cls in (
 
 from .onnx_export import export_onnx  # noqa: E402
 from .prune import QMFRGPrune, apply_plan, plan_pruning, prune_module  # noqa: E402
+from .substitute import SpectralSubstitution, substitute_module  # noqa: E402
 
-__all__ = ["QMFRGPrune", "apply_plan", "export_onnx", "plan_pruning", "prune_module"]
+__all__ = [
+    "QMFRGPrune",
+    "SpectralSubstitution",
+    "apply_plan",
+    "export_onnx",
+    "plan_pruning",
+    "prune_module",
+    "substitute_module",
+]

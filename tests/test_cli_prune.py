@@ -79,3 +79,41 @@ def test_cli_prune_bad_options_fail_cleanly(tmp_path, args, match):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"tvm-qmfrg prune: error: {match}")
     assert not out.exists()
+
+
+def test_cli_prune_with_substitution_writes_report(tmp_path):
+    model = synthetic.bert_encoder(seed=1)
+    path, report, out = tmp_path / "b.onnx", tmp_path / "sub.json", tmp_path / "p.onnx"
+    onnx.save(model, path)
+    proc = cli(
+        "prune",
+        str(path),
+        "--flops-reduction",
+        "0.3",
+        "--substitute",
+        "lowrank,dedup",
+        "--sub-epsilon",
+        "0.5",
+        "--report",
+        str(report),
+        "-o",
+        str(out),
+    )
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(report.read_text())
+    assert data["substitutions"] and data["flops_after"] < data["flops_before"]
+    assert all(s["frobenius_bound"] <= np.sin(0.5) + 1e-9 for s in data["substitutions"])
+    x = random_input(model)
+    assert ort.InferenceSession(str(out)).run(None, {"input": x})[0].shape == (1, 8, 32)
+
+
+def test_cli_compare_finds_the_same_operators(tmp_path):
+    a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    onnx.save(synthetic.resnet_cifar(seed=1), a)
+    onnx.save(synthetic.bert_encoder(seed=1), b)
+    same = cli("compare", str(a), str(a), "--top", "3", "--json", str(tmp_path / "p.json"))
+    assert same.returncode == 0, same.stderr
+    pairs = json.loads((tmp_path / "p.json").read_text())
+    assert all(p["fs"] < 1e-6 and p["verdict"].startswith("equivalent") for p in pairs)
+    cross = cli("compare", str(a), str(b), "--top", "5")
+    assert cross.returncode == 0 and "equivalent" not in cross.stdout

@@ -102,7 +102,21 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
         help="leave groups whose producer name matches GLOB intact (repeatable)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the random criterion")
+    p.add_argument(
+        "--substitute",
+        metavar="KINDS",
+        default="",
+        help="after pruning, substitute operators: lowrank,dedup (or one of them)",
+    )
+    p.add_argument(
+        "--sub-epsilon",
+        type=float,
+        default=0.05,
+        metavar="RAD",
+        help="FS angle certified by a substitution (default 0.05)",
+    )
     p.add_argument("--plan", metavar="OUT.json", help="write the pruning plan as JSON")
+    p.add_argument("--report", metavar="OUT.json", help="write the substitution report as JSON")
     p.add_argument("--output", "-o", metavar="OUT.onnx", help="write the pruned model as ONNX")
     p.set_defaults(func=_cmd_prune)
 
@@ -112,20 +126,25 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     from .onnx_model import load_onnx, operator_names
     from .passes.normalize import import_onnx
     from .passes.onnx_export import export_onnx
-    from .passes.prune import apply_plan, plan_pruning
-    from .report import write_atomic
+    from .passes.prune import prune_module
+    from .passes.substitute import SpectralSubstitution
+    from .passes.substitute import check_options as check_substitution
+    from .report import write_atomic, write_json
     from .selection import check_options
 
     get_criterion(args.criterion)
     check_options(
         args.sparsity, args.flops_reduction, args.epsilon, args.min_channels, args.round_to
     )
+    kinds = tuple(k for k in args.substitute.split(",") if k)
+    if kinds:
+        check_substitution(args.sub_epsilon, kinds, 0.1, 1e-6)
     model = load_onnx(args.model)
     print(f"importing {args.model} into Relax ...", flush=True)
     mod = import_onnx(model)
     names = operator_names(model)
     print("analyzing channel groups and choosing channels ...", flush=True)
-    plan = plan_pruning(
+    plan, pruned = prune_module(
         mod,
         criterion=args.criterion,
         sparsity=args.sparsity,
@@ -142,14 +161,63 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     if args.plan:
         plan.save(args.plan)
         print(f"wrote plan {args.plan}")
+    if kinds:
+        substitute = SpectralSubstitution(args.sub_epsilon, kinds, names=names)
+        print("substituting operators ...", flush=True)
+        pruned = substitute(pruned)
+        print(substitute.report.table())
+        if args.report:
+            write_json(args.report, substitute.report.to_dict())
+            print(f"wrote substitution report {args.report}")
     if args.output:
-        pruned = apply_plan(mod, plan, names=names)
         outputs = [o.name for o in model.graph.output]
         onnx_model = export_onnx(
             pruned, model_name=model.graph.name or "model", output_names=outputs
         )
         write_atomic(args.output, onnx_model.SerializeToString())
         print(f"wrote pruned model {args.output}")
+    return 0
+
+
+def _add_compare(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "compare",
+        help="closest operators of two models on one hypersphere, with the direct check",
+        description="List the closest cross-model operator pairs by Fubini-Study distance "
+        "(with Wasserstein-2), and whether each survives the direct check in the network's "
+        "own basis: equal spectra are necessary for equivalence, not sufficient.",
+    )
+    p.add_argument("model_a")
+    p.add_argument("model_b")
+    p.add_argument("--top", type=int, default=10, help="how many pairs (default 10)")
+    p.add_argument(
+        "--delta",
+        type=float,
+        default=1e-3,
+        help="relative residual the direct check tolerates (default 1e-3)",
+    )
+    p.add_argument("--json", metavar="OUT", help="also write the pairs as JSON")
+    p.set_defaults(func=_cmd_compare)
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import compare_operators, pairs_json, pairs_table
+    from .onnx_model import linear_operators, load_onnx
+    from .report import write_json
+
+    if args.top < 1 or not 0 <= args.delta < 1:
+        raise OptionError(f"--top {args.top} must be >= 1 and --delta {args.delta} in [0, 1)")
+    ops = []
+    for path in (args.model_a, args.model_b):
+        found = linear_operators(load_onnx(path), name=path)
+        if not found:
+            raise OptionError(f"{path}: no Conv/Gemm/MatMul operator with a constant weight")
+        ops.append(found)
+    pairs = compare_operators(ops[0], ops[1], top=args.top, delta=args.delta)
+    print(pairs_table(pairs))
+    if args.json:
+        write_json(args.json, pairs_json(pairs))
+        print(f"wrote {args.json}")
     return 0
 
 
@@ -163,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_analyze(sub)
     _add_prune(sub)
+    _add_compare(sub)
     return parser
 
 

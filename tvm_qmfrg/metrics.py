@@ -228,3 +228,14 @@ def merge_error_bound(consumer_norm: float, state_norm: float, theta: float) -> 
     ``theta = pi/2`` (``sin = 1``) is plain removal, the magnitude-pruning cost.
     """
     return float(consumer_norm * state_norm * np.sin(theta))
+
+
+def best_scale(w_i: np.ndarray, w_j: np.ndarray) -> tuple[float, float]:
+    """The direct check in the network's own basis: ``c`` minimizing ``||W_j - c W_i||_F``
+    (``c = <W_i, W_j> / ||W_i||^2``) and the relative residual ``||W_j - c W_i|| / ||W_j||``."""
+    a = np.asarray(w_i, np.float64)
+    b = np.asarray(w_j, np.float64)
+    if a.shape != b.shape:
+        raise OptionError(f"direct check needs equal shapes, got {a.shape} and {b.shape}")
+    c = float(np.vdot(a, b) / np.vdot(a, a))
+    return c, float(np.linalg.norm(b - c * a) / np.linalg.norm(b))
