@@ -1,1 +1,20 @@
-"""Deployment targets of tvm_qmfrg: per-board configs, tuning, export and RPC benchmarking."""
+"""Deployment targets of tvm_qmfrg: per-board configs, tuning, export and RPC benchmarking.
+
+``load("arm-rk3399")`` (or a path to your own ``.toml``) gives a validated
+:class:`TargetConfig`; ``available()`` lists the shipped ones; ``build(mod, config)``
+compiles a Relax module for it (untuned) and exports an :class:`Artifact`.
+"""
+
+from .build import Artifact, ToolchainError, build, compile_module, export
+from .config import TargetConfig, available, load
+
+__all__ = [
+    "Artifact",
+    "TargetConfig",
+    "ToolchainError",
+    "available",
+    "build",
+    "compile_module",
+    "export",
+    "load",
+]

@@ -9,11 +9,19 @@ from __future__ import annotations
 
 import importlib
 
-from .errors import GraphError, ModelError, OptionError, QMFRGError, WeightError
+from .errors import GraphError, ModelError, OptionError, QMFRGError, ToolchainError, WeightError
 
 __version__ = "0.1.0"
 
-__all__ = ["GraphError", "ModelError", "OptionError", "QMFRGError", "WeightError", "__version__"]
+__all__ = [
+    "GraphError",
+    "ModelError",
+    "OptionError",
+    "QMFRGError",
+    "ToolchainError",
+    "WeightError",
+    "__version__",
+]
 
 _LAZY = ("passes", "targets")
 

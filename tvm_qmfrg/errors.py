@@ -30,6 +30,10 @@ class GraphError(QMFRGError):
     """The graph has a form the pass cannot handle (e.g. dynamic shapes)."""
 
 
+class ToolchainError(QMFRGError):
+    """A compiler or linker an export needs is not installed, or it failed."""
+
+
 def check_weight(array: np.ndarray, what: str, *, allow_zero: bool = False) -> np.ndarray:
     """Return ``array`` as float64 after checking it is usable as an operator weight.
 

@@ -1,0 +1,206 @@
+"""Compile a Relax module for a deployment target and export it as a library, untuned.
+
+:func:`build` applies the best schedules TVM gives without tuning, compiles with
+:func:`tvm.compile` and exports ``.so`` (linked with the config's cross compiler) or ``.tar``
+(objects only, no toolchain needed), written atomically. MetaSchedule tuning comes later and
+will reuse :func:`compile_module`'s pipeline choice.
+
+Untuned schedules per target kind (``relax.get_default_pipeline(target)``):
+
+* GPU targets (CUDA, OpenCL): legalize, fuse, then dlight's default GPU rules
+  (``Matmul``, ``GEMV``, ``Reduction``, ``GeneralReduction``, ``Fallback``), which bind
+  threads; Adreno first tries its own ``Conv2d``/``LayoutTransform``/``Pool2D`` rules.
+* CPU targets (llvm): legalize and fuse elementwise epilogues into their producers
+  (``FuseOps``/``FuseTIR``), no thread binding or vectorization. dlight's CPU rules
+  (``dl.cpu.GEMV``, ``dl.cpu.Reduction``) are not applied: they match only GEMV and
+  reductions (never conv2d), and on small models their thread-pool launches cost more than
+  they save (measured on a 2-core x86 host: small_cnn 0.047 -> 0.060 ms, bert_encoder
+  0.06 -> 0.23 ms, digits_resnet unchanged; only a 4096-wide MLP gained, 227 -> 184 ms).
+  Fusion itself gains little untuned (digits_resnet 1.41 -> 1.39 ms): the naive conv loops
+  dominate until MetaSchedule tunes them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tvm_qmfrg.errors import GraphError, ModelError, OptionError, QMFRGError, ToolchainError
+
+from .config import TargetConfig, load
+
+logger = logging.getLogger(__name__)
+
+# Measured on this project's machine kind (TVM-NOTES.md): ResNet-18, 2-core x86 host.
+UNTUNED_NOTE = (
+    "untuned TVM code is typically 8-50x slower than tuned code (ResNet-18 on a 2-core "
+    "x86 host: 1.86 s untuned vs 38.6 ms after 608 MetaSchedule trials)"
+)
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """An exported deployment library.
+
+    ``executable`` is the in-memory :class:`tvm.relax.Executable` the file was written from
+    (for inspection: device modules, kernel source); it is not part of equality.
+    """
+
+    path: Path
+    target: str
+    format: str
+    tuned: bool
+    executable: Any = field(default=None, compare=False, repr=False)
+
+
+def _as_config(config: TargetConfig | str | os.PathLike) -> TargetConfig:
+    return config if isinstance(config, TargetConfig) else load(config)
+
+
+def untuned_pipeline(target):
+    """The Relax pipeline with TVM's best untuned schedules for ``target`` (see module doc)."""
+    from tvm import relax
+
+    try:
+        return relax.get_default_pipeline(target)
+    except ValueError:  # a kind TVM has no backend pipeline for: plain lowering
+        logger.debug("no default pipeline for %s; using the generic build pipeline", target)
+        return relax.get_pipeline("default")
+
+
+def compile_module(mod, config: TargetConfig | str | os.PathLike, *, model: str = "model"):
+    """Compile ``mod`` for ``config`` with untuned schedules; returns the Relax Executable.
+
+    Logs one warning that the result is untuned.
+    """
+    import tvm
+
+    config = _as_config(config)
+    if not isinstance(mod, tvm.IRModule):
+        raise ModelError(f"{model}: expected a tvm.IRModule, got {type(mod).__name__}")
+    target = config.tvm_target()
+    logger.warning(
+        "%s: building for %s without tuning; %s. Tune before comparing latency "
+        "(suggested budget for %s: %d trials, %d per task).",
+        model,
+        config.name,
+        UNTUNED_NOTE,
+        config.name,
+        config.tuning.trials,
+        config.tuning.trials_per_task,
+    )
+    try:
+        return tvm.compile(mod, target=target, relax_pipeline=untuned_pipeline(target))
+    except QMFRGError:
+        raise
+    except Exception as exc:  # TVM raises many types (TVMError, ValueError, InternalError)
+        raise GraphError(f"{model}: TVM failed to compile it for {config.name}: {exc}") from exc
+
+
+def _debian_packages(compiler: str) -> str:
+    base = os.path.basename(compiler)
+    for tool in ("g++", "gcc"):
+        if base.endswith("-" + tool):
+            triple = base[: -len(tool) - 1]
+            return f"gcc-{triple} g++-{triple}"
+    if base in ("g++", "c++", "gcc", "cc"):
+        return "g++"
+    return ""
+
+
+def _fcompile(config: TargetConfig):
+    """The ``export_library`` fcompile for ``config`` (``None``: TVM's host default)."""
+    from tvm.support import cc
+
+    compiler = config.cross_compiler
+    if compiler is None:
+        compiler = cc.get_cc() or "g++"  # what export_library uses: $CXX, $CC or PATH
+        fcompile = None
+    else:
+        # a fresh one per export: cross_compiler's closure appends to its own option list
+        fcompile = cc.cross_compiler(compiler)
+    if shutil.which(shlex.split(compiler)[0]) is None:
+        packages = _debian_packages(compiler)
+        hint = f"; on Debian/Ubuntu: apt-get install -y {packages}" if packages else ""
+        raise ToolchainError(
+            f"{config.name}: exporting a .so needs the compiler '{compiler}', which is not on "
+            f'PATH{hint} (or set format = "tar" in the target config and link on the device)'
+        )
+    return fcompile
+
+
+def _default_output(config: TargetConfig, work_dir: Path | None) -> Path:
+    if work_dir is None:
+        work_dir = Path(tempfile.mkdtemp(prefix=f"tvm_qmfrg-{config.name}-"))
+        logger.info("%s: no output or work_dir given; writing under %s", config.name, work_dir)
+    return work_dir / f"{config.name}.{config.format}"
+
+
+def export(executable, config: TargetConfig | str | os.PathLike, output: str | os.PathLike):
+    """Write ``executable`` to ``output`` in the config's format, atomically."""
+    config = _as_config(config)
+    output = Path(output)
+    if output.suffix != f".{config.format}":
+        raise OptionError(
+            f"{config.name}: output {output} must end in .{config.format} (the config's format)"
+        )
+    fcompile = _fcompile(config) if config.format == "so" else None
+    output.parent.mkdir(parents=True, exist_ok=True)
+    # Export into a private directory next to the output, then rename: readers never see a
+    # partial file, and the file gets the usual permissions (mkstemp's would be 0600).
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        workspace = staging / "objects"
+        workspace.mkdir()
+        kwargs = {"workspace_dir": str(workspace)}
+        if fcompile is not None:
+            kwargs["fcompile"] = fcompile
+        tmp = staging / output.name
+        try:
+            executable.export_library(str(tmp), **kwargs)
+        except Exception as exc:
+            raise ToolchainError(f"{config.name}: exporting {output.name} failed: {exc}") from exc
+        os.replace(tmp, output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return output
+
+
+def build(
+    mod,
+    config: TargetConfig | str | os.PathLike,
+    *,
+    work_dir: str | os.PathLike | None = None,
+    output: str | os.PathLike | None = None,
+    model: str = "model",
+) -> Artifact:
+    """Compile ``mod`` for ``config`` without tuning and export it; returns the :class:`Artifact`.
+
+    ``config`` is a :class:`TargetConfig` or anything :func:`load` accepts. ``output``
+    defaults to ``<work_dir>/<target>.<format>``; with neither given, a fresh temporary
+    directory holds it. The file is written to a temporary name and renamed into place.
+    ``model`` names the model in messages.
+    """
+    config = _as_config(config)
+    work = Path(work_dir) if work_dir is not None else None
+    if work is not None:
+        work.mkdir(parents=True, exist_ok=True)
+    out = Path(output) if output is not None else _default_output(config, work)
+    if out.suffix != f".{config.format}":
+        raise OptionError(
+            f"{config.name}: output {out} must end in .{config.format} (the config's format)"
+        )
+    if config.format == "so":
+        _fcompile(config)  # fail on a missing toolchain before spending time compiling
+    executable = compile_module(mod, config, model=model)
+    export(executable, config, out)
+    logger.info("%s: wrote %s for %s (untuned)", model, out, config.name)
+    return Artifact(
+        path=out, target=config.name, format=config.format, tuned=False, executable=executable
+    )
