@@ -221,6 +221,82 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="accuracy vs FLOPs of the pruning criteria on the shipped digits ResNet",
+        description="Prune the shipped digits ResNet at each FLOPs reduction with each "
+        "criterion, build it with TVM for this host, and measure test / augmented-test "
+        "accuracy, FLOPs, parameters and (untuned) batch-1 latency. Criteria ending in +cal "
+        "are refit on training images.",
+    )
+    p.add_argument(
+        "--reductions",
+        default="0.2,0.3,0.4,0.5,0.6,0.7",
+        help="comma-separated FLOPs reductions (default 0.2,...,0.7)",
+    )
+    p.add_argument(
+        "--criteria",
+        default="qmfrg,qmfrg+cal,spectral,magnitude,random,fpgm",
+        help="comma-separated criteria; NAME+cal uses calibration data",
+    )
+    p.add_argument("--seeds", type=int, default=3, help="seeds of the random criterion")
+    p.add_argument(
+        "--out",
+        default="eval-digits",
+        metavar="DIR",
+        help="folder for results.json and report.md (default eval-digits)",
+    )
+    p.set_defaults(func=_cmd_eval)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import os
+
+    from .criteria import get as get_criterion
+    from .evaluation import cells_json, evaluate_digits, summary_table
+    from .onnx_model import default_model_path
+    from .report import write_atomic, write_json
+
+    try:
+        reductions = [float(r) for r in args.reductions.split(",") if r]
+    except ValueError as exc:
+        raise OptionError(f"--reductions: {exc}") from exc
+    criteria = [c for c in args.criteria.split(",") if c]
+    for c in criteria:
+        get_criterion(c.removesuffix("+cal"))
+    if args.seeds < 1:
+        raise OptionError(f"--seeds {args.seeds} must be >= 1")
+    cells = evaluate_digits(
+        default_model_path(),
+        reductions,
+        criteria,
+        seeds=args.seeds,
+        progress=lambda line: print(line, flush=True),
+    )
+    table = summary_table(cells)
+    print(table)
+    command = "tvm-qmfrg eval " + " ".join(
+        f"--{k} {v}"
+        for k, v in (
+            ("reductions", args.reductions),
+            ("criteria", args.criteria),
+            ("seeds", args.seeds),
+        )
+    )
+    write_json(
+        os.path.join(args.out, "results.json"), {"command": command, "cells": cells_json(cells)}
+    )
+    report = (
+        f"# Digits ResNet: accuracy vs FLOPs\n\nCommand: `{command}`\n\n"
+        f"Latency: untuned TVM build for this host, batch 1, median.\n\n"
+        f"```\n{table}\n```\n"
+    )
+    write_atomic(os.path.join(args.out, "report.md"), report.encode())
+    print(f"wrote {args.out}/results.json and {args.out}/report.md")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tvm-qmfrg",
@@ -232,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_analyze(sub)
     _add_prune(sub)
     _add_compare(sub)
+    _add_eval(sub)
     return parser
 
 
