@@ -6,10 +6,10 @@ import sys
 
 import onnx
 from helpers import compiled
+from tvm_qmfrg.passes.normalize import import_onnx
 
 from tvm_qmfrg.datasets import load_digits_splits
 from tvm_qmfrg.onnx_model import default_model_path
-from tvm_qmfrg.passes.normalize import import_onnx
 
 
 def test_shipped_model_reaches_its_recorded_accuracy_through_tvm():
