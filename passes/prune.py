@@ -185,11 +185,18 @@ def _binding_values(func: relax.Function) -> dict:
     return {b.var: b.value for block in func.body.blocks for b in block.bindings}
 
 
-def _prepare(mod: tvm.IRModule, model: str, names: Sequence[str] | None):
+def _prepare(mod: tvm.IRModule, model: str, names: Sequence[str] | None, params=None):
     if not isinstance(mod, tvm.IRModule):
         raise OptionError(f"expected a tvm.IRModule, got {type(mod).__name__}")
-    norm_mod = normalize(mod)
+    norm_mod = normalize(mod, params)
     func = norm_mod["main"]
+    inputs = func.attrs.get("num_input") if func.attrs is not None else None
+    if inputs is not None and len(func.params) > int(inputs):
+        raise GraphError(
+            f"{model}: main keeps {len(func.params) - int(inputs)} weights as parameters; "
+            "pass them as params={name: array} (e.g. from relax.frontend.detach_params) "
+            "or import with keep_params_in_input=False"
+        )
     _check_static(func, model)
     analysis = analyze_channels(func, model)
     values = _binding_values(func)
@@ -213,6 +220,7 @@ def prune_module(
     seed: int = 0,
     model: str = "model",
     names: Sequence[str] | None = None,
+    params: dict | None = None,
 ) -> tuple[PruningPlan, tvm.IRModule]:
     """Decide what to prune in ``mod`` (its ``main``); return the plan and the pruned module.
 
@@ -224,13 +232,14 @@ def prune_module(
     them, or a dict by input name; leading axis = samples) switches on data-aware mode: every
     pruned group's consumers are refit by least squares on the activations they read.
     ``names`` gives the conv/matmul producers their ONNX node names (in graph order).
+    ``params`` binds weights of a module imported with ``keep_params_in_input=True``.
     """
     factory = criteria_registry.get(criterion)
     check_options(sparsity, flops_reduction, epsilon, min_channels, round_to)
     if epsilon is not None and criterion != "qmfrg":
         raise OptionError("epsilon (lossless merging) needs the qmfrg criterion")
     compensate = criterion == "qmfrg" if compensate is None else compensate
-    norm_mod, analysis, values, groups, names_by_var = _prepare(mod, model, names)
+    norm_mod, analysis, values, groups, names_by_var = _prepare(mod, model, names, params)
     frozen = [
         FrozenGroup(
             names_by_var.get(sp.producers[0].var, sp.producers[0].var.name), sp.size, sp.frozen[0]
@@ -403,10 +412,11 @@ def apply_plan(
     *,
     names: Sequence[str] | None = None,
     model: str | None = None,
+    params: dict | None = None,
 ) -> tvm.IRModule:
     """Rewrite ``mod`` by ``plan`` (from :func:`plan_pruning` or a saved JSON)."""
     model = model or plan.model
-    norm_mod, analysis, values, groups, _ = _prepare(mod, model, names)
+    norm_mod, analysis, values, groups, _ = _prepare(mod, model, names, params)
     return _rewrite(norm_mod, analysis, values, groups, plan, model)
 
 
@@ -433,6 +443,7 @@ class QMFRGPrune:
         names: Sequence[str] | None = None,
         model: str = "model",
         plan: PruningPlan | None = None,
+        params: dict | None = None,
     ):
         criteria_registry.get(criterion)  # fail early, outside TVM's pass machinery
         if plan is None:
@@ -450,6 +461,7 @@ class QMFRGPrune:
             seed=seed,
             model=model,
             names=names,
+            params=params,
         )
         self.plan = plan
 
@@ -457,4 +469,6 @@ class QMFRGPrune:
         if self.plan is None:
             self.plan, pruned = prune_module(mod, **self.options)
             return pruned
-        return apply_plan(mod, self.plan, names=self.options["names"])
+        return apply_plan(
+            mod, self.plan, names=self.options["names"], params=self.options["params"]
+        )

@@ -240,3 +240,20 @@ def test_dynamic_non_batch_dims_are_rejected():
     model.graph.input[0].type.tensor_type.shape.dim[1].dim_param = "features"
     with pytest.raises(GraphError, match="dynamic"):
         QMFRGPrune(sparsity=0.3)(load(model))
+
+
+def test_modules_with_weights_as_parameters(models):
+    from tvm.relax.frontend import detach_params
+    from tvm.relax.frontend.onnx import from_onnx
+
+    model = models["vgg"]
+    mod, params = detach_params(from_onnx(model, keep_params_in_input=True))
+    func = mod["main"]
+    n_in = int(func.attrs["num_input"])
+    named = {p.name: a for p, a in zip(func.params[n_in:], params["main"])}
+    with pytest.raises(GraphError, match="weights as parameters"):
+        QMFRGPrune(sparsity=0.3)(mod)
+    pruned = QMFRGPrune(sparsity=0.3, params=named)(mod)
+    dense = QMFRGPrune(sparsity=0.3)(load(model))
+    x = random_input(model)
+    np.testing.assert_allclose(run(pruned, x), run(dense, x), atol=1e-5)
