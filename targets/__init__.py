@@ -2,11 +2,13 @@
 
 ``load("arm-rk3399")`` (or a path to your own ``.toml``) gives a validated
 :class:`TargetConfig`; ``available()`` lists the shipped ones; ``build(mod, config)``
-compiles a Relax module for it (untuned) and exports an :class:`Artifact`.
+compiles a Relax module for it (untuned, or MetaSchedule-tuned with ``trials=N``) and
+exports an :class:`Artifact`; :mod:`.rpc` runs and times artifacts on boards over TVM RPC.
 """
 
 from .build import Artifact, ToolchainError, build, compile_module, export
 from .config import TargetConfig, available, load
+from .tune import TuneSummary, tune
 
 __all__ = [
     "Artifact",
@@ -17,4 +19,6 @@ __all__ = [
     "compile_module",
     "export",
     "load",
+    "tune",
+    "TuneSummary",
 ]

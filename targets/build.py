@@ -179,6 +179,10 @@ def build(
     work_dir: str | os.PathLike | None = None,
     output: str | os.PathLike | None = None,
     model: str = "model",
+    trials: int = 0,
+    trials_per_task: int | None = None,
+    tracker: str | None = None,
+    **tune_options,
 ) -> Artifact:
     """Compile ``mod`` for ``config`` without tuning and export it; returns the :class:`Artifact`.
 
@@ -186,6 +190,13 @@ def build(
     defaults to ``<work_dir>/<target>.<format>``; with neither given, a fresh temporary
     directory holds it. The file is written to a temporary name and renamed into place.
     ``model`` names the model in messages.
+
+    With ``trials > 0`` the module is tuned first with MetaSchedule
+    (:func:`~tvm_qmfrg.targets.tune.tune`: ``trials_per_task`` defaults to the config's,
+    ``tracker`` is the RPC tracker ``host:port`` for RPC runners, other keyword options go to
+    ``tune``); the JSON database lives in ``work_dir`` (required then) and is reused by later
+    runs. The best schedules are applied and the result is compiled and exported as above,
+    with ``Artifact.tuned`` set.
     """
     config = _as_config(config)
     work = Path(work_dir) if work_dir is not None else None
@@ -198,9 +209,36 @@ def build(
         )
     if config.format == "so":
         _fcompile(config)  # fail on a missing toolchain before spending time compiling
-    executable = compile_module(mod, config, model=model)
+    if trials < 0:
+        raise OptionError(f"trials must be >= 0, got {trials}")
+    if trials > 0:
+        from .tune import compile_tuned, prepare, tune
+
+        if work is None:
+            raise OptionError(f"{model}: tuning needs a work_dir for its database")
+        legal = prepare(mod, config.tvm_target())
+        tune(
+            legal,
+            config,
+            work_dir=work,
+            trials=trials,
+            trials_per_task=trials_per_task,
+            tracker=tracker,
+            model=model,
+            prepared=True,
+            **tune_options,
+        )
+        executable = compile_tuned(legal, config, work, model=model, prepared=True)
+    else:
+        executable = compile_module(mod, config, model=model)
     export(executable, config, out)
-    logger.info("%s: wrote %s for %s (untuned)", model, out, config.name)
+    logger.info(
+        "%s: wrote %s for %s (%s)", model, out, config.name, "tuned" if trials else "untuned"
+    )
     return Artifact(
-        path=out, target=config.name, format=config.format, tuned=False, executable=executable
+        path=out,
+        target=config.name,
+        format=config.format,
+        tuned=trials > 0,
+        executable=executable,
     )

@@ -297,6 +297,140 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_compile(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "compile",
+        help="import, prune for a deployment target, optionally tune, and export a library",
+        description="Import an ONNX model, prune it with the target's channel multiple "
+        "(round_to), tune it with MetaSchedule when --trials > 0 (JSON database in --work-dir, "
+        "reused by later runs), then compile and export the library for the target.",
+    )
+    p.add_argument("model", help="ONNX file")
+    p.add_argument("--target", required=True, help="shipped target name or a .toml path")
+    amount = p.add_mutually_exclusive_group()
+    amount.add_argument("--flops-reduction", type=float, metavar="F")
+    amount.add_argument("--sparsity", type=float, metavar="S")
+    p.add_argument("--criterion", default="qmfrg", help="pruning criterion (default qmfrg)")
+    p.add_argument(
+        "--trials", type=int, default=0, help="MetaSchedule trials in all (default 0: untuned)"
+    )
+    p.add_argument("--trials-per-task", type=int, metavar="N", help="default: the target's")
+    p.add_argument("--work-dir", metavar="DIR", help="tuning database and logs (default tune/)")
+    p.add_argument("--tracker", metavar="HOST:PORT", help="RPC tracker for targets on boards")
+    p.add_argument("--output", "-o", metavar="OUT", help="library to write (.so or .tar)")
+    p.set_defaults(func=_cmd_compile)
+
+
+def _cmd_compile(args: argparse.Namespace) -> int:
+    from .onnx_model import load_onnx, operator_names
+    from .passes.normalize import import_onnx
+    from .passes.prune import prune_module
+    from .targets import build
+    from .targets import load as load_target
+
+    logging.getLogger("tvm_qmfrg").setLevel(logging.INFO)
+    config = load_target(args.target)
+    if args.trials < 0:
+        raise OptionError(f"--trials {args.trials} must be >= 0")
+    if args.tracker and config.runner.kind != "rpc":
+        raise OptionError(f"--tracker: target {config.name} measures locally (runner 'local')")
+    model = load_onnx(args.model)
+    print(f"importing {args.model} into Relax ...", flush=True)
+    mod = import_onnx(model)
+    if args.flops_reduction is not None or args.sparsity is not None:
+        print(f"pruning for {config.name} (channels rounded to {config.round_to}) ...", flush=True)
+        plan, mod = prune_module(
+            mod,
+            criterion=args.criterion,
+            sparsity=args.sparsity,
+            flops_reduction=args.flops_reduction,
+            round_to=config.round_to,
+            model=args.model,
+            names=operator_names(model),
+        )
+        print(plan.table())
+    work_dir = args.work_dir or ("tune" if args.trials > 0 else None)
+    if args.trials > 0:
+        print(f"tuning {args.trials} trials, database in {work_dir} ...", flush=True)
+    artifact = build(
+        mod,
+        config,
+        work_dir=work_dir,
+        output=args.output,
+        model=args.model,
+        trials=args.trials,
+        trials_per_task=args.trials_per_task,
+        tracker=args.tracker,
+    )
+    state = "tuned" if artifact.tuned else "untuned"
+    print(f"wrote {artifact.path} ({config.name}, {artifact.format}, {state})")
+    return 0
+
+
+def _parse_shape(text: str) -> tuple[str, tuple[int, ...]]:
+    name, sep, dims = text.partition("=")
+    try:
+        shape = tuple(int(d) for d in dims.split(",") if d.strip())
+    except ValueError:
+        shape = ()
+    if not sep or not name or not shape or any(d < 1 for d in shape):
+        raise OptionError(f"--input-shape '{text}' must be NAME=D1,D2,... (positive integers)")
+    return name, shape
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="run and time an exported library on a device over TVM RPC",
+        description="Upload the library to an RPC server (or a tracker's server under --key), "
+        "time main() there and compare its output with a local reference run (when the "
+        "library is built for this machine).",
+    )
+    p.add_argument("artifact", help="exported library (.so or .tar)")
+    p.add_argument("--rpc", required=True, metavar="HOST:PORT", help="RPC server or tracker")
+    p.add_argument("--key", help="tracker key of the device (then --rpc is the tracker)")
+    p.add_argument(
+        "--input-shape",
+        action="append",
+        default=[],
+        metavar="NAME=D1,D2,...",
+        help="shape of each input of main, in order (repeatable; random float32 data)",
+    )
+    p.add_argument("--repeat", type=int, default=10, help="timed repeats (default 10)")
+    p.add_argument("--number", type=int, default=10, help="runs per repeat (default 10)")
+    p.set_defaults(func=_cmd_bench)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .targets.rpc import bench, default_inputs
+    from .targets.tune import parse_tracker
+
+    host, port = parse_tracker(args.rpc)
+    if not args.input_shape:
+        raise OptionError("give the input shapes of main with --input-shape NAME=D1,D2,...")
+    shapes = dict(_parse_shape(s) for s in args.input_shape)
+    result = bench(
+        args.artifact,
+        host,
+        port,
+        args.key,
+        inputs=default_inputs(shapes),
+        repeat=args.repeat,
+        number=args.number,
+    )
+    print(f"{args.artifact} on {args.rpc}" + (f" (key {args.key})" if args.key else ""))
+    print(
+        f"mean {result.mean_ms:.4f} ms  median {result.median_ms:.4f} ms  "
+        f"std {result.std_ms:.4f} ms  over {result.repeats} repeats"
+    )
+    if result.output_matches is None:
+        print("output: not checked (no local reference for this artifact)")
+    else:
+        state = "matches" if result.output_matches else "DIFFERS from"
+        print(f"output {state} the local reference (max abs error {result.max_abs_error:.3g})")
+    return 0 if result.output_matches is not False else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tvm-qmfrg",
@@ -309,6 +443,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prune(sub)
     _add_compare(sub)
     _add_eval(sub)
+    _add_compile(sub)
+    _add_bench(sub)
     return parser
 
 

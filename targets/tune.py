@@ -1,0 +1,385 @@
+"""MetaSchedule tuning for a deployment target, resumable from a JSON database in ``work_dir``.
+
+:func:`tune` legalizes and fuses the module (what ``static_shape_tuning`` does before
+tuning), extracts the tuning tasks, and runs MetaSchedule (evolutionary search, XGBoost cost
+model) with:
+
+* a ``LocalBuilder`` whose worker ``initializer`` imports ``tvm.s_tir.tensor_intrin`` before
+  the timed build (a fresh worker otherwise spends ~26 s of the 30 s default timeout on that
+  import and every candidate of the task fails to build) and a generous ``timeout_sec``;
+* a ``LocalRunner``, or for ``runner.kind = "rpc"`` an ``RPCRunner`` through a tracker
+  (``host:port``, key from the config) with one worker per server the tracker knows;
+* a persistent ``JSONDatabase`` in ``work_dir``. MetaSchedule itself re-measures new
+  candidates for a workload already in its database, so tasks are filtered first: a task
+  whose workload has ``trials_per_task`` records, or that a finished run marked complete
+  (``tvm_qmfrg-tuned.json``), is skipped. A run interrupted mid-task keeps every record it
+  wrote; the next run skips the finished tasks and re-tunes the others, seeded from the
+  database's best records.
+
+:func:`apply_database` then rewrites the module with the best schedules found
+(``relax.transform.MetaScheduleApplyDatabase``), and :func:`compile_tuned` compiles it.
+Progress is logged at INFO per measured batch: task i/n, its name, trials done/budget and the
+best latency so far.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from tvm_qmfrg.errors import GraphError, OptionError, QMFRGError, ToolchainError
+
+from .config import TargetConfig, load
+
+logger = logging.getLogger(__name__)
+
+DONE_FILE = "tvm_qmfrg-tuned.json"
+DEFAULT_BUILD_TIMEOUT = 300.0
+DEFAULT_RUN_TIMEOUT = 60.0
+
+
+def initializer() -> None:
+    """Builder worker initializer: import the tensor intrinsics outside the timed build."""
+    import tvm.s_tir.tensor_intrin  # noqa: F401
+
+
+@dataclass(frozen=True)
+class TaskStatus:
+    """One tuning task: its name, records before/after this run, and whether it was skipped."""
+
+    name: str
+    records_before: int
+    records_after: int
+    skipped: bool
+    best_ms: float | None
+
+
+@dataclass(frozen=True)
+class TuneSummary:
+    """What :func:`tune` did: per task status, and the database's total records."""
+
+    work_dir: Path
+    tasks: tuple[TaskStatus, ...]
+    records_before: int
+    records_after: int
+
+    @property
+    def new_records(self) -> int:
+        return self.records_after - self.records_before
+
+
+def parse_tracker(text: str) -> tuple[str, int]:
+    """``"host:port"`` -> ``(host, port)``; :class:`OptionError` on anything else."""
+    host, sep, port = str(text).rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise OptionError(f"tracker '{text}' must be HOST:PORT (e.g. 127.0.0.1:9190)")
+    return host, int(port)
+
+
+def prepare(mod, target):
+    """Legalize, fold and fuse ``mod`` for ``target``: the module tasks are extracted from."""
+    import tvm
+    from tvm import relax
+
+    with target:
+        return tvm.transform.Sequential(
+            [
+                relax.transform.DecomposeOpsForInference(),
+                relax.transform.CanonicalizeBindings(),
+                relax.get_pipeline("zero"),
+            ]
+        )(mod)
+
+
+def _database(work_dir: Path):
+    from tvm.s_tir import meta_schedule as ms
+
+    return ms.database.JSONDatabase(work_dir=str(work_dir), module_equality="structural")
+
+
+def _records_of(database, mod) -> list:
+    if not database.has_workload(mod):
+        return []
+    workload = database.commit_workload(mod)
+    return list(database.get_top_k(workload, 1 << 30))
+
+
+def _best_ms(records) -> float | None:
+    best = None
+    for r in records:
+        secs = [float(s) for s in (r.run_secs or [])]
+        if secs and max(secs) < 1e9:
+            ms_ = 1e3 * sum(secs) / len(secs)
+            best = ms_ if best is None else min(best, ms_)
+    return best
+
+
+def _workload_key(mod) -> str:
+    import tvm_ffi  # 0.27: structural_hash moved from tvm.ir to tvm_ffi
+
+    return str(tvm_ffi.structural_hash(mod))
+
+
+def _read_done(work_dir: Path) -> set[str]:
+    path = work_dir / DONE_FILE
+    try:
+        return set(json.loads(path.read_text()))
+    except (OSError, ValueError):
+        return set()
+
+
+def _write_done(work_dir: Path, keys: set[str]) -> None:
+    path = work_dir / DONE_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(sorted(keys)))
+    os.replace(tmp, path)
+
+
+def count_records(work_dir: str | os.PathLike) -> int:
+    """Tuning records in the JSON database of ``work_dir`` (0 when there is none)."""
+    path = Path(work_dir) / "database_tuning_record.json"
+    if not path.is_file():
+        return 0
+    with open(path) as fh:
+        return sum(1 for line in fh if line.strip())
+
+
+def _progress_callback(names: list[str], budget: int, before: list[int]):
+    from tvm.ir.utils import derived_object  # 0.27: not in meta_schedule.utils
+    from tvm.s_tir import meta_schedule as ms
+
+    @derived_object
+    class _Progress(ms.measure_callback.PyMeasureCallback):
+        def __init__(self):
+            self.done = [0] * len(names)
+            self.best = [None] * len(names)
+
+        def apply(
+            self, task_scheduler, task_id, measure_candidates, builder_results, runner_results
+        ):
+            self.done[task_id] += len(measure_candidates)
+            failed = 0
+            for b, r in zip(builder_results, runner_results):
+                secs = [float(s) for s in (r.run_secs or [])]
+                if b.error_msg or r.error_msg or not secs:
+                    failed += 1
+                    continue
+                ms_ = 1e3 * sum(secs) / len(secs)
+                if self.best[task_id] is None or ms_ < self.best[task_id]:
+                    self.best[task_id] = ms_
+            best = self.best[task_id]
+            logger.info(
+                "task %d/%d %s: %d/%d trials%s, best %s",
+                task_id + 1,
+                len(names),
+                names[task_id],
+                before[task_id] + self.done[task_id],
+                budget,
+                f" ({failed} failed in this batch)" if failed else "",
+                f"{best:.4f} ms" if best is not None else "none yet",
+            )
+
+    return _Progress()
+
+
+def _runner(config: TargetConfig, tracker: str | None, run_timeout: float):
+    from tvm.s_tir import meta_schedule as ms
+
+    if config.runner.kind != "rpc":
+        return ms.runner.LocalRunner(timeout_sec=run_timeout)
+    if tracker is None:
+        raise OptionError(
+            f"{config.name}: its runner is RPC (key '{config.runner.key}'): tuning needs a "
+            "tracker HOST:PORT"
+        )
+    host, port = parse_tracker(tracker)
+    rpc_config = ms.runner.RPCConfig(
+        tracker_host=host,
+        tracker_port=port,
+        tracker_key=config.runner.key,
+        session_timeout_sec=int(run_timeout),
+    )
+    try:
+        servers = rpc_config.count_num_servers(allow_missing=True)
+    except Exception as exc:  # connection refused, timeout
+        raise OptionError(f"{config.name}: cannot reach the RPC tracker {tracker}: {exc}") from exc
+    if servers < 1:
+        raise OptionError(
+            f"{config.name}: the tracker {tracker} has no free server under key "
+            f"'{config.runner.key}'"
+        )
+    logger.info("%s: measuring on %d RPC server(s) via %s", config.name, servers, tracker)
+    return ms.runner.RPCRunner(rpc_config=rpc_config, max_workers=servers)
+
+
+def tune(
+    mod,
+    config: TargetConfig | str | os.PathLike,
+    *,
+    work_dir: str | os.PathLike,
+    trials: int | None = None,
+    trials_per_task: int | None = None,
+    tracker: str | None = None,
+    num_trials_per_iter: int = 64,
+    build_timeout: float = DEFAULT_BUILD_TIMEOUT,
+    run_timeout: float = DEFAULT_RUN_TIMEOUT,
+    seed: int | None = None,
+    model: str = "model",
+    prepared: bool = False,
+) -> TuneSummary:
+    """Tune ``mod`` for ``config``, records in ``work_dir``'s JSON database (see module doc).
+
+    ``trials`` / ``trials_per_task`` default to the config's tuning section. ``tracker``
+    (``host:port``) is required when the config's runner is RPC. ``prepared=True`` says
+    ``mod`` is already the output of :func:`prepare`.
+    """
+    from tvm.s_tir import meta_schedule as ms
+
+    config = config if isinstance(config, TargetConfig) else load(config)
+    trials = config.tuning.trials if trials is None else int(trials)
+    per_task = config.tuning.trials_per_task if trials_per_task is None else int(trials_per_task)
+    if trials < 1 or per_task < 1:
+        raise OptionError(f"trials ({trials}) and trials per task ({per_task}) must be >= 1")
+    per_task = min(per_task, trials)
+    try:
+        import xgboost  # noqa: F401
+    except ImportError as exc:
+        raise ToolchainError("tuning needs the xgboost module: pip install xgboost-cpu") from exc
+
+    work = Path(work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    target = config.tvm_target()
+    runner = _runner(config, tracker, run_timeout)
+    try:
+        legal = mod if prepared else prepare(mod, target)
+        extracted = ms.relax_integration.extract_tasks(legal, target)
+    except QMFRGError:
+        raise
+    except Exception as exc:
+        raise GraphError(
+            f"{model}: extracting tuning tasks for {config.name} failed: {exc}"
+        ) from exc
+
+    database = _database(work)
+    done_keys = _read_done(work)
+    total_before = count_records(work)
+    statuses: dict[int, dict] = {}
+    selected, before = [], []
+    for i, task in enumerate(extracted):
+        wl = task.dispatched[0]
+        records = _records_of(database, wl)
+        key = _workload_key(wl)
+        skip = key in done_keys or len(records) >= per_task
+        statuses[i] = {"name": task.task_name, "before": len(records), "skip": skip, "key": key}
+        if skip:
+            logger.info(
+                "%s: task %s already tuned (%d records in %s), skipped",
+                model,
+                task.task_name,
+                len(records),
+                work,
+            )
+        else:
+            selected.append(i)
+            before.append(len(records))
+
+    if selected:
+        remaining = max(per_task - b for b in before)
+        names = [extracted[i].task_name for i in selected]
+        logger.info(
+            "%s: tuning %d of %d task(s) for %s, up to %d trials per task, %d in all",
+            model,
+            len(selected),
+            len(extracted),
+            config.name,
+            remaining,
+            trials,
+        )
+        contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+            extracted_tasks=[extracted[i] for i in selected], work_dir=str(work), seed=seed
+        )
+        builder = ms.builder.LocalBuilder(
+            timeout_sec=build_timeout, initializer=initializer, max_workers=os.cpu_count()
+        )
+        progress = _progress_callback(names, per_task, before)
+        callbacks = list(ms.measure_callback.MeasureCallback.create("default")) + [progress]
+        try:
+            ms.tune.tune_tasks(
+                tasks=contexts,
+                task_weights=weights,
+                work_dir=str(work),
+                max_trials_global=trials,
+                max_trials_per_task=remaining,
+                num_trials_per_iter=min(num_trials_per_iter, remaining),
+                builder=builder,
+                runner=runner,
+                database=database,
+                cost_model="xgb",
+                measure_callbacks=callbacks,
+                task_scheduler="gradient",
+            )
+        except QMFRGError:
+            raise
+        except Exception as exc:
+            raise GraphError(
+                f"{model}: MetaSchedule tuning for {config.name} failed: {exc}"
+            ) from exc
+        measured = sum(progress.done)
+        budget_left = measured < trials
+        for j, i in enumerate(selected):
+            # a task is finished when it reached its budget, or when the run stopped on its
+            # own (every task terminated) rather than on the global trial budget
+            if budget_left or before[j] + progress.done[j] >= per_task:
+                done_keys.add(statuses[i]["key"])
+        _write_done(work, done_keys)
+
+    tasks = []
+    for i, task in enumerate(extracted):
+        records = _records_of(database, task.dispatched[0])
+        st = statuses[i]
+        tasks.append(
+            TaskStatus(st["name"], st["before"], len(records), st["skip"], _best_ms(records))
+        )
+    summary = TuneSummary(work, tuple(tasks), total_before, count_records(work))
+    logger.info(
+        "%s: tuning done: %d task(s), %d skipped, %d new record(s) in %s",
+        model,
+        len(tasks),
+        sum(t.skipped for t in tasks),
+        summary.new_records,
+        work,
+    )
+    return summary
+
+
+def apply_database(mod, config: TargetConfig | str | os.PathLike, work_dir, *, prepared=False):
+    """``mod`` with the best schedules of ``work_dir``'s database applied."""
+    from tvm import relax
+
+    config = config if isinstance(config, TargetConfig) else load(config)
+    target = config.tvm_target()
+    legal = mod if prepared else prepare(mod, target)
+    with target:
+        return relax.transform.MetaScheduleApplyDatabase(str(work_dir))(legal)
+
+
+def compile_tuned(
+    mod, config: TargetConfig | str | os.PathLike, work_dir, *, model="model", prepared=False
+):
+    """Apply ``work_dir``'s database to ``mod`` and compile it; returns the Relax Executable."""
+    import tvm
+
+    from .build import untuned_pipeline
+
+    config = config if isinstance(config, TargetConfig) else load(config)
+    target = config.tvm_target()
+    try:
+        tuned = apply_database(mod, config, work_dir, prepared=prepared)
+        return tvm.compile(tuned, target=target, relax_pipeline=untuned_pipeline(target))
+    except QMFRGError:
+        raise
+    except Exception as exc:
+        raise GraphError(f"{model}: TVM failed to compile it for {config.name}: {exc}") from exc
