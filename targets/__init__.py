@@ -8,7 +8,7 @@ exports an :class:`Artifact`; :mod:`.rpc` runs and times artifacts on boards ove
 
 from .build import Artifact, ToolchainError, build, compile_module, export
 from .config import TargetConfig, available, load
-from .tune import TuneSummary, tune
+from .tune import TuneProgress, TuneSummary, tune
 
 __all__ = [
     "Artifact",
@@ -20,5 +20,6 @@ __all__ = [
     "export",
     "load",
     "tune",
+    "TuneProgress",
     "TuneSummary",
 ]

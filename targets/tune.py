@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,7 +148,19 @@ def count_records(work_dir: str | os.PathLike) -> int:
         return sum(1 for line in fh if line.strip())
 
 
-def _progress_callback(names: list[str], budget: int, before: list[int]):
+@dataclass(frozen=True)
+class TuneProgress:
+    """One measured batch: task ``task`` of ``tasks``, its trials so far, best latency."""
+
+    task: int
+    tasks: int
+    name: str
+    trials: int
+    budget: int
+    best_ms: float | None
+
+
+def _progress_callback(names: list[str], budget: int, before: list[int], report=None):
     from tvm.ir.utils import derived_object  # 0.27: not in meta_schedule.utils
     from tvm.s_tir import meta_schedule as ms
 
@@ -181,6 +194,17 @@ def _progress_callback(names: list[str], budget: int, before: list[int]):
                 f" ({failed} failed in this batch)" if failed else "",
                 f"{best:.4f} ms" if best is not None else "none yet",
             )
+            if report is not None:
+                report(
+                    TuneProgress(
+                        task_id + 1,
+                        len(names),
+                        names[task_id],
+                        before[task_id] + self.done[task_id],
+                        budget,
+                        best,
+                    )
+                )
 
     return _Progress()
 
@@ -229,12 +253,14 @@ def tune(
     seed: int | None = None,
     model: str = "model",
     prepared: bool = False,
+    progress: Callable[[TuneProgress], None] | None = None,
 ) -> TuneSummary:
     """Tune ``mod`` for ``config``, records in ``work_dir``'s JSON database (see module doc).
 
     ``trials`` / ``trials_per_task`` default to the config's tuning section. ``tracker``
     (``host:port``) is required when the config's runner is RPC. ``prepared=True`` says
-    ``mod`` is already the output of :func:`prepare`.
+    ``mod`` is already the output of :func:`prepare`. ``progress`` is called after every
+    measured batch with a :class:`TuneProgress` (the CLI draws its progress bar from it).
     """
     from tvm.s_tir import meta_schedule as ms
 
@@ -304,8 +330,8 @@ def tune(
         builder = ms.builder.LocalBuilder(
             timeout_sec=build_timeout, initializer=initializer, max_workers=os.cpu_count()
         )
-        progress = _progress_callback(names, per_task, before)
-        callbacks = list(ms.measure_callback.MeasureCallback.create("default")) + [progress]
+        callback = _progress_callback(names, per_task, before, progress)
+        callbacks = list(ms.measure_callback.MeasureCallback.create("default")) + [callback]
         try:
             ms.tune.tune_tasks(
                 tasks=contexts,
@@ -327,12 +353,12 @@ def tune(
             raise GraphError(
                 f"{model}: MetaSchedule tuning for {config.name} failed: {exc}"
             ) from exc
-        measured = sum(progress.done)
+        measured = sum(callback.done)
         budget_left = measured < trials
         for j, i in enumerate(selected):
             # a task is finished when it reached its budget, or when the run stopped on its
             # own (every task terminated) rather than on the global trial budget
-            if budget_left or before[j] + progress.done[j] >= per_task:
+            if budget_left or before[j] + callback.done[j] >= per_task:
                 done_keys.add(statuses[i]["key"])
         _write_done(work, done_keys)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import shutil
 import sys
 from collections.abc import Sequence
 
@@ -321,6 +322,35 @@ def _add_compile(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_compile)
 
 
+class _ProgressBar:
+    """One line per tuning task on stderr, redrawn in place on a terminal."""
+
+    def __init__(self, stream=sys.stderr, width: int = 24):
+        self.stream = stream
+        self.width = width
+        self.task = None
+        self.tty = stream.isatty()
+
+    def __call__(self, p) -> None:
+        if self.task is not None and p.task != self.task and self.tty:
+            self.stream.write("\n")
+        self.task = p.task
+        filled = min(self.width, self.width * p.trials // max(1, p.budget))
+        best = f"{p.best_ms:.4f} ms" if p.best_ms is not None else "-"
+        line = (
+            f"task {p.task}/{p.tasks} [{'#' * filled}{'.' * (self.width - filled)}] "
+            f"{p.trials}/{p.budget} trials, best {best}  {p.name}"
+        )
+        cols = shutil.get_terminal_size((120, 20)).columns
+        self.stream.write(("\r" + line[: cols - 1]) if self.tty else line + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.task is not None and self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
 def _cmd_compile(args: argparse.Namespace) -> int:
     from .onnx_model import load_onnx, operator_names
     from .passes.normalize import import_onnx
@@ -329,6 +359,8 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     from .targets import load as load_target
 
     logging.getLogger("tvm_qmfrg").setLevel(logging.INFO)
+    logging.getLogger("tvm_qmfrg.targets.tune").setLevel(logging.WARNING)  # the bar shows it
+    logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
     config = load_target(args.target)
     if args.trials < 0:
         raise OptionError(f"--trials {args.trials} must be >= 0")
@@ -350,18 +382,25 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         )
         print(plan.table())
     work_dir = args.work_dir or ("tune" if args.trials > 0 else None)
+    extra = {}
     if args.trials > 0:
         print(f"tuning {args.trials} trials, database in {work_dir} ...", flush=True)
-    artifact = build(
-        mod,
-        config,
-        work_dir=work_dir,
-        output=args.output,
-        model=args.model,
-        trials=args.trials,
-        trials_per_task=args.trials_per_task,
-        tracker=args.tracker,
-    )
+        extra["progress"] = bar = _ProgressBar()
+    try:
+        artifact = build(
+            mod,
+            config,
+            work_dir=work_dir,
+            output=args.output,
+            model=args.model,
+            trials=args.trials,
+            trials_per_task=args.trials_per_task,
+            tracker=args.tracker,
+            **extra,
+        )
+    finally:
+        if args.trials > 0:
+            bar.close()
     state = "tuned" if artifact.tuned else "untuned"
     print(f"wrote {artifact.path} ({config.name}, {artifact.format}, {state})")
     return 0
