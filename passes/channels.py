@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 
@@ -801,3 +802,28 @@ def analyze_channels(func: relax.Function, name: str = "model") -> ChannelAnalys
         if sp.frozen and sp.producers:
             log.debug("%s: group of %s frozen: %s", name, sp.producers[0].var.name, sp.frozen[0])
     return result
+
+
+def producer_names(func: relax.Function, names: Sequence[str] | None) -> dict:
+    """Name every conv2d/matmul with a constant weight: ONNX names if given, else op_k."""
+    ops = []
+    for block in func.body.blocks:
+        for b in block.bindings:
+            v = b.value
+            if (
+                isinstance(v, relax.Call)
+                and isinstance(v.op, tvm.ir.Op)
+                and v.op.name in ("relax.nn.conv2d", "relax.matmul")
+                and isinstance(v.args[1], tvm.ir.GenericConst)
+            ):
+                ops.append((b.var, "conv" if v.op.name == "relax.nn.conv2d" else "matmul"))
+    if names is not None and len(names) != len(ops):
+        log.warning(
+            "%d operator names given for %d conv/matmul ops; using generic names",
+            len(names),
+            len(ops),
+        )
+        names = None
+    if names is None:
+        names = [f"{kind}_{i}" for i, (_, kind) in enumerate(ops)]
+    return {var: name for (var, _), name in zip(ops, names)}

@@ -37,7 +37,7 @@ from tvm_qmfrg.plan import FrozenGroup, GroupPlan, PruningPlan
 from tvm_qmfrg.selection import AxisCost, FlopsModel, check_options, resolve, select
 
 from . import calibrate
-from .channels import ChannelAnalysis, Space, analyze_channels
+from .channels import ChannelAnalysis, Space, analyze_channels, producer_names
 from .flops import module_cost
 from .normalize import normalize
 from .rewrite import Rewriter, plan_edits
@@ -73,31 +73,6 @@ def _check_static(func: relax.Function, model: str) -> None:
                 f"{model}: input '{p.name}' has dynamic dims {dynamic} besides the batch; "
                 "import it with static shapes (from_onnx(..., shape_dict=...))"
             )
-
-
-def _producer_names(func: relax.Function, names: Sequence[str] | None) -> dict:
-    """Name every conv2d/matmul with a constant weight: ONNX names if given, else op_k."""
-    ops = []
-    for block in func.body.blocks:
-        for b in block.bindings:
-            v = b.value
-            if (
-                isinstance(v, relax.Call)
-                and isinstance(v.op, tvm.ir.Op)
-                and v.op.name in ("relax.nn.conv2d", "relax.matmul")
-                and isinstance(v.args[1], tvm.ir.GenericConst)
-            ):
-                ops.append((b.var, "conv" if v.op.name == "relax.nn.conv2d" else "matmul"))
-    if names is not None and len(names) != len(ops):
-        log.warning(
-            "%d operator names given for %d conv/matmul ops; using generic names",
-            len(names),
-            len(ops),
-        )
-        names = None
-    if names is None:
-        names = [f"{kind}_{i}" for i, (_, kind) in enumerate(ops)]
-    return {var: name for (var, _), name in zip(ops, names)}
 
 
 def _space_sites(analysis: ChannelAnalysis, space: Space, role: str):
@@ -200,7 +175,7 @@ def _prepare(mod: tvm.IRModule, model: str, names: Sequence[str] | None, params=
     _check_static(func, model)
     analysis = analyze_channels(func, model)
     values = _binding_values(func)
-    names_by_var = _producer_names(func, names)
+    names_by_var = producer_names(func, names)
     groups = _build_groups(analysis, values, names_by_var)
     return norm_mod, analysis, values, groups, names_by_var
 

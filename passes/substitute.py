@@ -43,6 +43,7 @@ from tvm_qmfrg.metrics import (
 )
 from tvm_qmfrg.report import format_table
 
+from .channels import producer_names
 from .flops import module_cost
 from .normalize import normalize
 
@@ -303,8 +304,6 @@ def substitute_module(
 ) -> tuple[SubstitutionReport, tvm.IRModule]:
     """Apply the substitutions of ``kinds`` to ``mod``; return the report and the module."""
     check_options(epsilon, kinds, min_gain, delta)
-    from .prune import _producer_names  # one naming scheme for both passes
-
     before = module_cost(normalize(mod)).flops
     subs: list[Substitution] = []
     if "dedup" in kinds:
@@ -312,7 +311,7 @@ def substitute_module(
     norm = normalize(mod)
     func = norm["main"]
     values = {b.var: b.value for block in func.body.blocks for b in block.bindings}
-    ops = _linear_ops(func, _producer_names(func, names))
+    ops = _linear_ops(func, producer_names(func, names))
     dedup, lowrank = {}, {}
     if "dedup" in kinds:
         confirmed, rejected = find_duplicates(ops, values, epsilon, delta)
