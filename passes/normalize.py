@@ -5,7 +5,8 @@ weights are constants: parameters bound (``BindParams``), constant sub-expressio
 (``FoldConstant``: a Gemm's ``permute_dims(W)`` becomes a transposed constant, a conv bias
 ``reshape(b)`` a ``(1, C, 1, 1)`` constant), ONNX ``Clip`` lowered from fixed-shape
 ``call_tir`` kernels back to ``maximum``/``minimum`` ops (a ``call_tir`` keeps its output
-shape when its input shrinks, so a pruned graph through it would be ill-formed), trivial
+shape when its input shrinks, so a pruned graph through it would be ill-formed), the
+``erf`` form of exact GELU fused into ``nn.gelu`` (one activation the analysis knows), trivial
 bindings canonicalized and dead code removed.
 
 BatchNorm is deliberately *not* folded into the convolutions here: its running statistics
@@ -57,6 +58,43 @@ class _ClipKernelsToOps(relax.PyExprMutator):
         return self.builder_.get()
 
 
+def _gelu_pattern():
+    from tvm.relax.dpl import is_const, is_op, wildcard
+
+    def either(op, a, b):
+        return is_op(op)(a, b) | is_op(op)(b, a)
+
+    x, root2, one, half = wildcard(), is_const(), is_const(), is_const()
+    erf = is_op("relax.erf")(is_op("relax.divide")(x, root2))
+    gelu = either(
+        "relax.multiply", either("relax.multiply", x, either("relax.add", erf, one)), half
+    )
+    return gelu, x, (root2, one, half)
+
+
+def _const_is(expr, value: float) -> bool:
+    return _scalar_const(expr) and bool(np.isclose(expr.value.numpy().item(), value, rtol=1e-6))
+
+
+@tvm.transform.module_pass(opt_level=0, name="FuseErfGelu")
+def fuse_erf_gelu(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+    """``x * (erf(x / sqrt 2) + 1) * 0.5`` (ONNX exports of exact GELU) -> ``nn.gelu(x)``."""
+    from tvm.relax.dpl import rewrite_call
+
+    pattern, x, consts = _gelu_pattern()
+
+    def rewriter(expr, matches):
+        values = [matches[c] for c in consts]
+        if all(_const_is(v, t) for v, t in zip(values, (np.sqrt(2.0), 1.0, 0.5))):
+            return relax.op.nn.gelu(matches[x])
+        return expr
+
+    for gv, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            mod[gv] = rewrite_call(pattern, rewriter, func)
+    return mod
+
+
 @tvm.transform.module_pass(opt_level=0, name="LowerClipKernels")
 def lower_clip_kernels(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     return _ClipKernelsToOps(mod).transform()
@@ -74,6 +112,7 @@ def normalize(
     steps += [
         relax.transform.FoldConstant(),
         lower_clip_kernels,
+        fuse_erf_gelu,
         relax.transform.FoldConstant(),
         relax.transform.CanonicalizeBindings(),
         relax.transform.DeadCodeElimination(),

@@ -35,6 +35,11 @@ _ELEMENTWISE = {
     "relax.negative": "Neg",
     "relax.abs": "Abs",
     "relax.matmul": "MatMul",
+    "relax.less": "Less",
+    "relax.greater": "Greater",
+    "relax.equal": "Equal",
+    "relax.where": "Where",
+    "relax.power": "Pow",
 }
 
 
@@ -129,6 +134,18 @@ class _Emitter:
             rank = len(_dims(args[0]))
             perm = list(reversed(range(rank))) if a.axes is None else [int(x) for x in a.axes]
             return self.node("Transpose", [self.ref(args[0])], perm=perm)
+        if op == "relax.stack":
+            axis = np.array([int(a.axis)], np.int64)
+            fields = [
+                self.node("Unsqueeze", [self.ref(f), self.const(axis, "axes")])
+                for f in args[0].fields
+            ]
+            return self.node("Concat", fields, axis=int(a.axis))
+        if op in ("relax.max", "relax.min"):
+            rank = len(_dims(args[0]))
+            axes = list(range(rank)) if a.axis is None else [int(x) for x in a.axis]
+            onnx_op = "ReduceMax" if op == "relax.max" else "ReduceMin"
+            return self.node(onnx_op, [self.ref(args[0])], axes=axes, keepdims=int(a.keepdims))
         if op in ("relax.mean", "relax.sum"):
             rank = len(_dims(args[0]))
             axes = list(range(rank)) if a.axis is None else [int(x) for x in a.axis]
@@ -180,6 +197,16 @@ class _Emitter:
         if op == "relax.astype":
             dtype = helper.np_dtype_to_tensor_dtype(np.dtype(str(a.dtype)))
             return self.node("Cast", [self.ref(args[0])], to=dtype)
+        if op == "relax.broadcast_to":
+            shape = np.array([d if isinstance(d, int) else 1 for d in _dims(var)], np.int64)
+            return self.node("Expand", [self.ref(args[0]), self.const(shape, "shape")])
+        if op == "relax.take":
+            axis = 0 if a.axis is None else int(a.axis)
+            return self.node("Gather", [self.ref(args[0]), self.ref(args[1])], axis=axis)
+        if op in ("relax.expand_dims", "relax.squeeze") and (op == "relax.expand_dims" or a.axis):
+            onnx_op = "Unsqueeze" if op == "relax.expand_dims" else "Squeeze"
+            axes = np.array([int(x) for x in a.axis], np.int64)
+            return self.node(onnx_op, [self.ref(args[0]), self.const(axes, "axes")])
         raise GraphError(f"{self.model_name}: cannot export {op} (at '{var.name}') to ONNX")
 
 

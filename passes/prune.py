@@ -189,6 +189,7 @@ def prune_module(
     epsilon: float | None = None,
     min_channels: int = 1,
     round_to: int = 1,
+    allocation: str = "uniform",
     protect: Sequence[str] = (),
     compensate: bool | None = None,
     calibration=None,
@@ -250,6 +251,7 @@ def prune_module(
             flops_model=_flops_model(analysis, active),
             min_channels=min_channels,
             round_to=round_to,
+            allocation=allocation,
         )
         if active
         else []
@@ -283,6 +285,7 @@ def prune_module(
             "epsilon": epsilon,
             "min_channels": min_channels,
             "round_to": round_to,
+            "allocation": allocation,
             "protect": list(protect),
             "compensate": compensate,
             "calibrated": calibration is not None,

@@ -36,6 +36,7 @@ from tvm_qmfrg.errors import GraphError, ModelError, OptionError, QMFRGError, To
 from .config import TargetConfig, load
 
 logger = logging.getLogger(__name__)
+_WARNED_UNTUNED: set[tuple[str, str]] = set()  # (model, target) untuned builds announced
 
 # Measured on this project's machine kind (TVM-NOTES.md): ResNet-18, 2-core x86 host.
 UNTUNED_NOTE = (
@@ -77,7 +78,7 @@ def untuned_pipeline(target):
 def compile_module(mod, config: TargetConfig | str | os.PathLike, *, model: str = "model"):
     """Compile ``mod`` for ``config`` with untuned schedules; returns the Relax Executable.
 
-    Logs one warning that the result is untuned.
+    Logs a warning that the result is untuned, once per model, target and process.
     """
     import tvm
 
@@ -85,16 +86,18 @@ def compile_module(mod, config: TargetConfig | str | os.PathLike, *, model: str 
     if not isinstance(mod, tvm.IRModule):
         raise ModelError(f"{model}: expected a tvm.IRModule, got {type(mod).__name__}")
     target = config.tvm_target()
-    logger.warning(
-        "%s: building for %s without tuning; %s. Tune before comparing latency "
-        "(suggested budget for %s: %d trials, %d per task).",
-        model,
-        config.name,
-        UNTUNED_NOTE,
-        config.name,
-        config.tuning.trials,
-        config.tuning.trials_per_task,
-    )
+    if (model, config.name) not in _WARNED_UNTUNED:
+        _WARNED_UNTUNED.add((model, config.name))
+        logger.warning(
+            "%s: building for %s without tuning; %s. Tune before comparing latency "
+            "(suggested budget for %s: %d trials, %d per task).",
+            model,
+            config.name,
+            UNTUNED_NOTE,
+            config.name,
+            config.tuning.trials,
+            config.tuning.trials_per_task,
+        )
     try:
         return tvm.compile(mod, target=target, relax_pipeline=untuned_pipeline(target))
     except QMFRGError:

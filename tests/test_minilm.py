@@ -7,9 +7,11 @@ import pytest
 import tvm
 from helpers import HOST
 from tvm import relax
+from tvm_qmfrg.passes import export_onnx, prune_module
 from tvm_qmfrg.passes.normalize import import_onnx
 
 from tvm_qmfrg import minilm
+from tvm_qmfrg.errors import OptionError
 
 SEQ = 64
 TOL = 1e-4
@@ -108,3 +110,45 @@ def test_sentence_file_and_pairs():
     assert len(set(pairs)) == len(pairs)
     for i, j in pairs:
         assert 0 <= i < len(sentences) and j == i + 1
+
+
+def test_pruned_encoder_exports_to_onnx_and_matches_tvm(model, batch):
+    """The FFN-pruned real encoder (gather, masks, GELU, L2 norm) round-trips through ONNX."""
+    ids, mask = batch
+    mod = import_onnx(model, shape_dict={"input_ids": [3, SEQ], "attention_mask": [3, SEQ]})
+    names = minilm.producer_names(model)
+    plan, pruned = prune_module(mod, sparsity=0.3, protect=["*.q"], names=names)
+    ffn_in = pruned_weight_shapes(pruned)
+    assert (384, 1076) in ffn_in and (384, 1536) not in ffn_in
+    assert "R.nn.gelu(" in pruned.script() and "R.erf(" not in pruned.script()
+    vm = relax.VirtualMachine(tvm.compile(pruned, target=HOST), tvm.cpu())
+    ours = vm["main"](tvm.runtime.tensor(ids), tvm.runtime.tensor(mask)).numpy()
+    exported = export_onnx(pruned)
+    onnx.checker.check_model(exported)
+    sess = ort.InferenceSession(exported.SerializeToString(), providers=["CPUExecutionProvider"])
+    theirs = sess.run(None, {"input_ids": ids, "attention_mask": mask})[0]
+    assert np.abs(ours - theirs).max() < TOL
+
+
+def pruned_weight_shapes(mod) -> list[tuple[int, ...]]:
+    shapes = []
+    for block in mod["main"].body.blocks:
+        for b in block.bindings:
+            v = b.value
+            if isinstance(v, relax.Call) and getattr(v.op, "name", "") == "relax.matmul":
+                w = v.args[1]
+                if isinstance(w, tvm.ir.GenericConst):
+                    shapes.append(tuple(w.value.shape))
+    return shapes
+
+
+def test_packed_calibration_tokens_have_no_padding():
+    sentences = minilm.load_calibration_sentences()
+    assert len(set(sentences)) == len(sentences) >= 300
+    assert not set(sentences) & set(minilm.load_sentences())  # kept apart from evaluation
+    ids, mask = minilm.packed_tokens(sentences, 32)
+    assert ids.shape == mask.shape and ids.shape[1] == 32 and ids.shape[0] > 100
+    assert np.all(mask == 1) and np.all(ids[:, 0] == minilm.CLS) and not np.any(ids == 0)
+    assert np.sum(ids == 102) >= len(sentences) - 2  # one [SEP] per sentence (tail dropped)
+    with pytest.raises(OptionError, match="do not fill one row"):
+        minilm.packed_tokens(["a"], 32)

@@ -10,6 +10,7 @@ from helpers import load, random_input, run
 from onnx import numpy_helper
 from tvm import relax
 from tvm_qmfrg.passes.flops import module_cost
+from tvm_qmfrg.passes.normalize import normalize
 from tvm_qmfrg.passes.prune import QMFRGPrune, apply_plan, plan_pruning
 
 from tvm_qmfrg import GraphError, OptionError, synthetic
@@ -257,3 +258,13 @@ def test_modules_with_weights_as_parameters(models):
     dense = QMFRGPrune(sparsity=0.3)(load(model))
     x = random_input(model)
     np.testing.assert_allclose(run(pruned, x), run(dense, x), atol=1e-5)
+
+
+def test_normalize_fuses_the_onnx_erf_gelu_into_one_op():
+    model = synthetic.bert_encoder(seed=4)
+    mod = load(model)
+    assert "R.erf(" in mod.script()
+    fused = normalize(mod)
+    assert "R.erf(" not in fused.script() and fused.script().count("R.nn.gelu(") == 2
+    x = random_input(model)
+    np.testing.assert_allclose(run(fused, x), run(mod, x), rtol=1e-5, atol=1e-5)

@@ -225,11 +225,12 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "eval",
-        help="accuracy vs FLOPs of the pruning criteria on the shipped digits ResNet",
-        description="Prune the shipped digits ResNet at each FLOPs reduction with each "
-        "criterion, build it with TVM for this host, and measure test / augmented-test "
-        "accuracy, FLOPs, parameters and (untuned) batch-1 latency. Criteria ending in +cal "
-        "are refit on training images.",
+        help="accuracy / fidelity vs FLOPs of the pruning criteria on real trained models",
+        description="Prune the shipped digits ResNet and all-MiniLM-L6-v2 at each FLOPs "
+        "reduction with each criterion and measure what is kept: digits test / augmented-test "
+        "accuracy, MiniLM embedding fidelity (mean cosine, NN agreement@1), FLOPs, parameters "
+        "and untuned TVM batch-1 latency. Criteria ending in +cal are refit on calibration "
+        "data. Writes results.json, report.md and PNG figures.",
     )
     p.add_argument(
         "--reductions",
@@ -243,58 +244,101 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--seeds", type=int, default=3, help="seeds of the random criterion")
     p.add_argument(
+        "--models",
+        default="digits,minilm",
+        help="comma-separated: digits, minilm (default both)",
+    )
+    p.add_argument(
+        "--ffn-sparsity",
+        default="0.5",
+        help="comma-separated MiniLM FFN-neuron sparsities, heads kept (default 0.5; '' none)",
+    )
+    p.add_argument(
         "--out",
-        default="eval-digits",
+        default="eval-report",
         metavar="DIR",
-        help="folder for results.json and report.md (default eval-digits)",
+        help="folder for results.json, report.md and figures (default eval-report)",
     )
     p.set_defaults(func=_cmd_eval)
 
 
-def _cmd_eval(args: argparse.Namespace) -> int:
-    import os
-
-    from .criteria import get as get_criterion
-    from .evaluation import cells_json, evaluate_digits, summary_table
-    from .onnx_model import default_model_path
-    from .report import write_atomic, write_json
-
+def _floats(text: str, flag: str) -> list[float]:
     try:
-        reductions = [float(r) for r in args.reductions.split(",") if r]
+        return [float(r) for r in text.split(",") if r]
     except ValueError as exc:
-        raise OptionError(f"--reductions: {exc}") from exc
+        raise OptionError(f"{flag}: {exc}") from exc
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .criteria import get as get_criterion
+    from .eval_report import write_eval_report
+    from .evaluation import evaluate_digits
+    from .evaluation import summary_table as digits_table
+    from .fidelity import evaluate_minilm
+    from .fidelity import summary_table as minilm_table
+    from .onnx_model import default_model_path
+
+    reductions = _floats(args.reductions, "--reductions")
+    ffn = _floats(args.ffn_sparsity, "--ffn-sparsity")
     criteria = [c for c in args.criteria.split(",") if c]
     for c in criteria:
         get_criterion(c.removesuffix("+cal"))
     if args.seeds < 1:
         raise OptionError(f"--seeds {args.seeds} must be >= 1")
-    cells = evaluate_digits(
-        default_model_path(),
-        reductions,
-        criteria,
-        seeds=args.seeds,
-        progress=lambda line: print(line, flush=True),
-    )
-    table = summary_table(cells)
-    print(table)
-    command = "tvm-qmfrg eval " + " ".join(
-        f"--{k} {v}"
-        for k, v in (
-            ("reductions", args.reductions),
-            ("criteria", args.criteria),
-            ("seeds", args.seeds),
+    models = [m for m in args.models.split(",") if m]
+    unknown = set(models) - {"digits", "minilm"}
+    if unknown or not models:
+        raise OptionError(f"--models {args.models}: choose from digits, minilm")
+    show = lambda line: print(line, flush=True)  # noqa: E731
+    digits = minilm = []
+    if "digits" in models:
+        digits = evaluate_digits(
+            default_model_path(), reductions, criteria, seeds=args.seeds, progress=show
         )
+        print(digits_table(digits))
+    if "minilm" in models:
+        minilm = evaluate_minilm(
+            reductions, criteria, ffn_sparsities=ffn, seeds=args.seeds, progress=show
+        )
+        print(minilm_table(minilm))
+    command = (
+        f"tvm-qmfrg eval --reductions {args.reductions} --criteria {args.criteria} "
+        f"--seeds {args.seeds} --models {args.models} --ffn-sparsity '{args.ffn_sparsity}'"
     )
-    write_json(
-        os.path.join(args.out, "results.json"), {"command": command, "cells": cells_json(cells)}
+    written = write_eval_report(args.out, command, digits, minilm, default_model_path())
+    print("wrote " + ", ".join(written))
+    return 0
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="the main job on the shipped model: analyze, prune, build, measure",
+        description="Analyze the shipped digits ResNet, prune it with qmfrg (data-free and "
+        "refit on training images) and with the magnitude baseline, build each for this host "
+        "with TVM, and print accuracy and latency before and after. Writes a report folder.",
     )
-    report = (
-        f"# Digits ResNet: accuracy vs FLOPs\n\nCommand: `{command}`\n\n"
-        f"Latency: untuned TVM build for this host, batch 1, median.\n\n"
-        f"```\n{table}\n```\n"
+    p.add_argument(
+        "--flops-reduction",
+        type=float,
+        default=0.3,
+        metavar="F",
+        help="fraction of conv/matmul FLOPs to remove (default 0.3)",
     )
-    write_atomic(os.path.join(args.out, "report.md"), report.encode())
-    print(f"wrote {args.out}/results.json and {args.out}/report.md")
+    p.add_argument("--out", default="demo-report", metavar="DIR", help="(default demo-report)")
+    p.set_defaults(func=_cmd_demo)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    import os
+
+    from .demo import demo_table, run_demo
+    from .selection import check_options
+
+    check_options(None, args.flops_reduction, None, 1, 1)
+    rows = run_demo(args.out, args.flops_reduction, progress=lambda s: print(s, flush=True))
+    print(demo_table(rows))
+    print(f"report: {os.path.join(args.out, 'report.md')}")
     return 0
 
 
@@ -482,6 +526,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prune(sub)
     _add_compare(sub)
     _add_eval(sub)
+    _add_demo(sub)
     _add_compile(sub)
     _add_bench(sub)
     return parser

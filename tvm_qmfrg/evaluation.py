@@ -6,6 +6,11 @@ a seeded augmented copy of it, achieved FLOPs and parameters (counted on the mod
 batch-1 latency of the untuned build. Criteria named ``<name>+cal`` run in data-aware mode,
 refit on training images (never the test split). ``random`` runs once per seed.
 
+The one hyper-parameter of a cell, how the FLOPs budget is allocated across layers
+(``uniform``: the same fraction of every group; ``global``: one ranking of the criterion's
+normalized costs across groups), is chosen per cell on the validation split; the test
+split and its augmented copy are measured only for the chosen plan.
+
 TVM is imported inside the functions: ``import tvm_qmfrg`` stays TVM-free.
 """
 
@@ -25,6 +30,7 @@ from .report import format_table
 log = logging.getLogger(__name__)
 
 CALIBRATION_IMAGES = 256
+ALLOCATIONS = ("uniform", "global")
 
 
 @dataclass(frozen=True)
@@ -32,14 +38,16 @@ class Cell:
     criterion: str
     seed: int
     target: float
+    allocation: str
     flops_reduction: float
     params: int
+    validation_accuracy: float
     test_accuracy: float
     augmented_accuracy: float
     latency_ms: float
 
 
-def _host_vm(mod):
+def host_vm(mod):
     import tvm
     from tvm import relax
 
@@ -47,7 +55,7 @@ def _host_vm(mod):
     return relax.VirtualMachine(ex, tvm.cpu())
 
 
-def _accuracy(vm, x: np.ndarray, y: np.ndarray, batch: int) -> float:
+def accuracy(vm, x: np.ndarray, y: np.ndarray, batch: int) -> float:
     import tvm
 
     correct = 0
@@ -61,7 +69,7 @@ def _accuracy(vm, x: np.ndarray, y: np.ndarray, batch: int) -> float:
     return correct / len(x)
 
 
-def _latency_ms(vm, shape: tuple[int, ...], repeat: int = 5) -> float:
+def latency_ms(vm, shape: tuple[int, ...], repeat: int = 5) -> float:
     import tvm
 
     x = tvm.runtime.tensor(np.zeros(shape, dtype=np.float32))
@@ -95,44 +103,62 @@ def evaluate_digits(
     mod_cal = import_onnx(model, {"input": [CALIBRATION_IMAGES, 1, 8, 8]})
     cells = []
 
-    def measure(criterion, seed, target, plan, pruned_batch, flops, params):
+    def measure(criterion, seed, target, allocation, plan, vm, val, flops, params):
         t0 = time.perf_counter()
-        vm = _host_vm(pruned_batch)
+        one = apply_plan(mod_one, plan) if plan else mod_one
         cell = Cell(
             criterion=criterion,
             seed=seed,
             target=target,
+            allocation=allocation,
             flops_reduction=flops,
             params=params,
-            test_accuracy=_accuracy(vm, data.x_test, data.y_test, batch),
-            augmented_accuracy=_accuracy(vm, x_aug, y_aug, batch),
-            latency_ms=_latency_ms(
-                _host_vm(apply_plan(mod_one, plan) if plan else mod_one), (1, 1, 8, 8)
-            ),
+            validation_accuracy=val,
+            test_accuracy=accuracy(vm, data.x_test, data.y_test, batch),
+            augmented_accuracy=accuracy(vm, x_aug, y_aug, batch),
+            latency_ms=latency_ms(host_vm(one), (1, 1, 8, 8)),
         )
         cells.append(cell)
         if progress:
             progress(
-                f"{criterion:>14} seed {seed} target {target:.0%}: FLOPs -{flops:.1%} "
-                f"test {cell.test_accuracy:.4f} aug {cell.augmented_accuracy:.4f} "
-                f"({time.perf_counter() - t0:.1f} s)"
+                f"{criterion:>14} seed {seed} target {target:.0%} ({allocation}): "
+                f"FLOPs -{flops:.1%} val {val:.4f} test {cell.test_accuracy:.4f} "
+                f"aug {cell.augmented_accuracy:.4f} ({time.perf_counter() - t0:.1f} s)"
             )
 
-    measure("dense", 0, 0.0, None, mod_batch, 0.0, _params(mod_batch))
+    dense_vm = host_vm(mod_batch)
+    dense_val = accuracy(dense_vm, data.x_val, data.y_val, batch)
+    measure("dense", 0, 0.0, "-", None, dense_vm, dense_val, 0.0, _params(mod_batch))
     for target in reductions:
         for name in criteria:
             base, calibrated = (name[:-4], True) if name.endswith("+cal") else (name, False)
             for seed in range(seeds if base == "random" else 1):
-                source = mod_cal if calibrated else mod_batch
-                plan, _ = prune_module(
-                    source,
-                    criterion=base,
-                    flops_reduction=target,
-                    seed=seed,
-                    calibration=calib if calibrated else None,
+                tried = []
+                for allocation in ALLOCATIONS:
+                    plan, _ = prune_module(
+                        mod_cal if calibrated else mod_batch,
+                        criterion=base,
+                        flops_reduction=target,
+                        allocation=allocation,
+                        seed=seed,
+                        calibration=calib if calibrated else None,
+                    )
+                    pruned = apply_plan(mod_batch, plan)
+                    vm = host_vm(pruned)
+                    val = accuracy(vm, data.x_val, data.y_val, batch)
+                    tried.append((val, allocation, plan, vm))
+                val, allocation, plan, vm = max(tried, key=lambda t: t[0])  # ties: uniform
+                measure(
+                    name,
+                    seed,
+                    target,
+                    allocation,
+                    plan,
+                    vm,
+                    val,
+                    plan.flops_reduction,
+                    plan.params_after,
                 )
-                pruned = apply_plan(mod_batch, plan)
-                measure(name, seed, target, plan, pruned, plan.flops_reduction, plan.params_after)
     return cells
 
 
@@ -153,6 +179,8 @@ def summary_table(cells: Sequence[Cell]) -> str:
                 crit,
                 f"{target:.0%}",
                 f"{np.mean([c.flops_reduction for c in group]):.1%}",
+                "/".join(sorted({c.allocation for c in group})),
+                float(np.mean([c.validation_accuracy for c in group])),
                 float(np.mean([c.test_accuracy for c in group])),
                 float(np.mean([c.augmented_accuracy for c in group])),
                 int(np.mean([c.params for c in group])),
@@ -161,7 +189,18 @@ def summary_table(cells: Sequence[Cell]) -> str:
             ]
         )
     return format_table(
-        ["criterion", "target", "FLOPs -", "test acc", "aug acc", "params", "latency ms", "runs"],
+        [
+            "criterion",
+            "target",
+            "FLOPs -",
+            "allocation",
+            "val acc",
+            "test acc",
+            "aug acc",
+            "params",
+            "latency ms",
+            "runs",
+        ],
         rows,
     )
 

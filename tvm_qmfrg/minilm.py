@@ -55,7 +55,9 @@ __all__ = [
     "OPSET",
     "PACKAGE",
     "build_onnx",
+    "load_calibration_sentences",
     "load_sentences",
+    "packed_tokens",
     "load_weights",
     "paraphrase_pairs",
     "producer_names",
@@ -75,6 +77,7 @@ HEADS = 12
 HEAD_DIM = 32
 FFN = 1536
 VOCAB = 30522
+CLS = 101  # [CLS] id of the shipped tokenizer
 MAX_POSITIONS = 512
 EPS = 1e-12  # LayerNorm epsilon of the model (config.json: layer_norm_eps)
 MASK_VALUE = -1e4  # additive attention mask for padded keys: exp(-1e4) is 0 in float32/64
@@ -87,6 +90,7 @@ _PREFIXES = ("bert.", "0.auto_model.", "auto_model.", "model.")
 _DATA = "data"
 _SENTENCES = "sentences.txt"
 _PAIRS = "sentences_pairs.json"
+_CALIBRATION = "calibration_sentences.txt"
 
 
 # ---- locating and reading the shipped files -----------------------------------------------
@@ -220,21 +224,51 @@ def tokenize(
         raise OptionError("tokenize() wants str sentences")
     if not isinstance(seq_len, int) or not 2 <= seq_len <= MAX_POSITIONS:
         raise OptionError(f"seq_len must be an int in [2, {MAX_POSITIONS}], got {seq_len!r}")
-    path = tokenizer_path() if tokenizer_file is None else Path(tokenizer_file)
-    try:
-        from tokenizers import Tokenizer
-    except ImportError as exc:
-        raise ModelError(f"tokenizing needs the 'tokenizers' package ({_INSTALL})") from exc
-    try:
-        tok = Tokenizer.from_file(os.fspath(path))
-    except Exception as exc:  # tokenizers raises a plain Exception
-        raise ModelError(f"{path}: not a readable tokenizer.json ({exc})") from exc
+    tok = _tokenizer(tokenizer_file)
     tok.enable_truncation(max_length=seq_len)
     tok.enable_padding(length=seq_len, pad_id=0, pad_type_id=0, pad_token="[PAD]")
     encs = tok.encode_batch(sentences)
     ids = np.array([e.ids for e in encs], dtype=np.int64)
     mask = np.array([e.attention_mask for e in encs], dtype=np.int64)
     return ids, mask
+
+
+def _tokenizer(tokenizer_file: str | os.PathLike | None):
+    path = tokenizer_path() if tokenizer_file is None else Path(tokenizer_file)
+    try:
+        from tokenizers import Tokenizer
+    except ImportError as exc:
+        raise ModelError(f"tokenizing needs the 'tokenizers' package ({_INSTALL})") from exc
+    try:
+        return Tokenizer.from_file(os.fspath(path))
+    except Exception as exc:  # tokenizers raises a plain Exception
+        raise ModelError(f"{path}: not a readable tokenizer.json ({exc})") from exc
+
+
+def packed_tokens(
+    sentences: Sequence[str], seq_len: int = 32, *, tokenizer_file: str | os.PathLike | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(input_ids, attention_mask)`` of ``sentences`` packed into full rows, no padding.
+
+    The sentences' word pieces, each followed by ``[SEP]``, form one stream; every row is
+    ``[CLS]`` and the next ``seq_len - 1`` pieces of it (a leftover shorter than a row is
+    dropped), so every position is a real token. This is calibration data the way
+    SparseGPT / GPTQ build it: padding rows would otherwise dominate the activations a
+    refit sees.
+    """
+    if not isinstance(seq_len, int) or not 2 <= seq_len <= MAX_POSITIONS:
+        raise OptionError(f"seq_len must be an int in [2, {MAX_POSITIONS}], got {seq_len!r}")
+    tok = _tokenizer(tokenizer_file)
+    tok.no_padding()
+    tok.no_truncation()
+    stream = [i for e in tok.encode_batch(list(sentences)) for i in e.ids[1:]]  # drop [CLS]
+    width = seq_len - 1
+    rows = len(stream) // width
+    if rows == 0:
+        raise OptionError(f"{len(stream)} tokens do not fill one row of {seq_len}")
+    body = np.array(stream[: rows * width], dtype=np.int64).reshape(rows, width)
+    ids = np.concatenate([np.full((rows, 1), CLS, dtype=np.int64), body], axis=1)
+    return ids, np.ones_like(ids)
 
 
 # ---- numpy reference -----------------------------------------------------------------------
@@ -547,6 +581,12 @@ def load_sentences() -> list[str]:
     blank lines.
     """
     return [line.strip() for line in _data_text(_SENTENCES).splitlines()]
+
+
+def load_calibration_sentences() -> list[str]:
+    """Calibration text for data-aware pruning (``tvm_qmfrg/data/calibration_sentences.txt``):
+    400 sentences written apart from the evaluation set, none shared with it."""
+    return [line.strip() for line in _data_text(_CALIBRATION).splitlines()]
 
 
 def paraphrase_pairs() -> list[tuple[int, int]]:

@@ -27,6 +27,8 @@ import numpy as np
 from .criteria import ChannelGroup, Scorer, merge_is_exact
 from .errors import OptionError
 
+ALLOCATIONS = ("uniform", "global")
+
 
 @dataclass(frozen=True)
 class AxisCost:
@@ -126,9 +128,14 @@ def select(
     flops_model: FlopsModel | None = None,
     min_channels: int = 1,
     round_to: int = 1,
+    allocation: str = "uniform",
 ) -> list[Selection]:
     """Run one of the three modes (exactly one of sparsity/flops_reduction/epsilon)."""
     check_options(sparsity, flops_reduction, epsilon, min_channels, round_to)
+    if allocation not in ALLOCATIONS:
+        raise OptionError(
+            f"unknown allocation '{allocation}' (choose from {', '.join(ALLOCATIONS)})"
+        )
     mins = [max(1, math.ceil(min_channels / w)) for w in unit_widths]
     steps = [_step(g.units, w, round_to) for g, w in zip(groups, unit_widths)]
     if sparsity is not None:
@@ -140,6 +147,8 @@ def select(
         return [_lossless(g, s, epsilon, m) for g, s, m in zip(groups, scorers, mins)]
     if flops_model is None:
         raise OptionError("flops_reduction needs a FLOPs model")
+    if allocation == "uniform":
+        return _uniform_flops(groups, scorers, flops_reduction, flops_model, mins, steps)
     return _by_flops(groups, scorers, flops_reduction, flops_model, mins, steps)
 
 
@@ -232,6 +241,53 @@ def _by_flops(groups, scorers, target, model: FlopsModel, mins, steps) -> list[S
         if best_gap <= 0.005:
             break
     return best
+
+
+def _uniform_keep(groups, fraction: float, mins, steps) -> list[int]:
+    keep = []
+    for g, m, st in zip(groups, mins, steps):
+        k = max(m, g.units - math.floor(fraction * g.units))
+        keep.append(min(g.units, -(-k // st) * st))
+    return keep
+
+
+def _uniform_flops(groups, scorers, target, model: FlopsModel, mins, steps) -> list[Selection]:
+    """One pruning fraction for every group, the smallest whose FLOPs reach the target."""
+    total = model.total
+    if total <= 0:
+        raise OptionError("the model has no conv/matmul FLOPs to reduce")
+
+    def reduction(fraction: float) -> float:
+        return 1.0 - model.flops(_uniform_keep(groups, fraction, mins, steps)) / total
+
+    lo, hi = 0.0, 1.0 - 1e-9
+    if reduction(hi) < target:
+        lo = hi
+    for _ in range(40):
+        if reduction(lo) >= target:
+            break
+        mid = (lo + hi) / 2
+        if reduction(mid) >= target:
+            hi = mid
+        else:
+            lo = mid
+    fraction = lo if reduction(lo) >= target else hi
+    keep = _uniform_keep(groups, fraction, mins, steps)
+    # the fraction moves in whole units per group: give back units, most-pruned group
+    # first, while the target still holds, so the result lands on it rather than past it
+    changed = True
+    while changed:
+        changed = False
+        order = sorted(range(len(groups)), key=lambda g: keep[g] / groups[g].units)
+        for g in order:
+            if keep[g] + steps[g] > groups[g].units:
+                continue
+            keep[g] += steps[g]
+            if 1.0 - model.flops(keep) / total >= target:
+                changed = True
+                break
+            keep[g] -= steps[g]
+    return [_per_group(g, s, k, 1) for g, s, k in zip(groups, scorers, keep)]
 
 
 def _greedy_flops(groups, scorers, target, model: FlopsModel, mins) -> list[Selection]:

@@ -1,0 +1,69 @@
+"""The folder ``tvm-qmfrg eval`` writes: results.json, report.md and its PNG figures."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+from . import evaluation, fidelity, plots
+from .onnx_model import linear_operators, load_onnx
+from .report import write_atomic, write_json
+
+
+def write_eval_report(
+    out: str,
+    command: str,
+    digits_cells: Sequence[evaluation.Cell],
+    minilm_cells: Sequence[fidelity.FidelityCell],
+    model_path: str,
+) -> list[str]:
+    """Write everything into ``out``; return the paths written."""
+    os.makedirs(out, exist_ok=True)
+    figs = plots.figure_names(out)
+    write_json(
+        os.path.join(out, "results.json"),
+        {
+            "command": command,
+            "digits": evaluation.cells_json(digits_cells),
+            "minilm": fidelity.cells_json(minilm_cells),
+        },
+    )
+    plots.quality_vs_flops(digits_cells, minilm_cells, figs["quality"])
+    most, least = plots.redundancy_figures(
+        linear_operators(load_onnx(model_path)), figs["spectra"], figs["heatmap"]
+    )
+    parts = [
+        "# Pruning criteria: accuracy and fidelity vs FLOPs\n",
+        f"Command: `{command}`\n",
+        "Latency: untuned TVM build for this host, batch 1, median (a shared machine: "
+        "compare latencies within one run only).\n",
+    ]
+    if digits_cells:
+        parts += [
+            "## Digits ResNet (shipped model)\n",
+            "Accuracy on the test split and on its seeded augmented copy (10x, shifts and "
+            "noise). The allocation of the FLOPs budget across layers is chosen per cell on "
+            "the validation split. `+cal`: refit on 256 training images.\n",
+            f"```\n{evaluation.summary_table(digits_cells)}\n```\n",
+        ]
+    if minilm_cells:
+        parts += [
+            "## all-MiniLM-L6-v2 (pretrained)\n",
+            "Fidelity of the pruned encoder's embeddings of the 350 evaluation sentences to "
+            "the dense ones: mean cosine and nearest-neighbour agreement@1. `flops F`: F of "
+            "the matmul FLOPs, heads and FFN neurons alike; `ffn S`: S of every layer's FFN "
+            "neurons, heads kept. `+cal`: refit on the separate calibration text.\n",
+            f"```\n{fidelity.summary_table(minilm_cells)}\n```\n",
+        ]
+    parts += [
+        "## Figures\n",
+        "![quality vs FLOPs](quality_vs_flops.png)\n",
+        f"Most redundant layer of the digits ResNet: `{most.name}` (median nearest-channel "
+        f"angle {most.median_nearest_angle:.3f} rad); least: `{least.name}` "
+        f"({least.median_nearest_angle:.3f} rad).\n",
+        "![spectra](spectra_most_least_redundant.png)\n",
+        "![QM-FRG heat map](qmfrg_heatmap.png)\n",
+    ]
+    report = os.path.join(out, "report.md")
+    write_atomic(report, "\n".join(parts).encode())
+    return [os.path.join(out, "results.json"), report, *figs.values()]
