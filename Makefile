@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/tvm-qmfrg analyze
+	$(BIN)/tvm-qmfrg demo
 
 lint: $(STAMP)
 	$(BIN)/ruff check tvm_qmfrg passes targets tests benchmarks
@@ -28,6 +28,7 @@ test: lint
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_spectral.py
 	$(BIN)/python benchmarks/bench_prune.py
+	$(BIN)/python benchmarks/bench_eval.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache .hypothesis

@@ -201,8 +201,10 @@ def prune_module(
     """Decide what to prune in ``mod`` (its ``main``); return the plan and the pruned module.
 
     Exactly one of ``sparsity`` (fraction of every group), ``flops_reduction`` (fraction of
-    conv/matmul FLOPs, allocated across groups by the criterion) or ``epsilon`` (lossless:
-    exact merges within ``epsilon`` radians). ``protect`` holds glob patterns of producer
+    conv/matmul FLOPs) or ``epsilon`` (lossless: exact merges within ``epsilon`` radians).
+    ``allocation`` spreads a FLOPs budget over the groups: ``uniform`` (the same fraction of
+    every group, the criterion picks which units) or ``global`` (one ranking of the
+    criterion's normalized costs across all groups). ``protect`` holds glob patterns of producer
     names whose groups stay intact. ``compensate`` folds data-free bias compensation into
     the consumers (default: on for ``qmfrg``). ``calibration`` (an input array, a list of
     them, or a dict by input name; leading axis = samples) switches on data-aware mode: every
@@ -414,6 +416,7 @@ class QMFRGPrune:
         min_channels: int = 1,
         round_to: int = 1,
         epsilon: float | None = None,
+        allocation: str = "uniform",
         protect: Sequence[str] = (),
         calibration=None,
         seed: int = 0,
@@ -433,6 +436,7 @@ class QMFRGPrune:
             epsilon=epsilon,
             min_channels=min_channels,
             round_to=round_to,
+            allocation=allocation,
             protect=tuple(protect),
             compensate=compensate,
             calibration=calibration,

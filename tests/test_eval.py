@@ -83,11 +83,11 @@ def test_eval_rejects_an_unknown_model(tmp_path):
 
 @settings(max_examples=40, deadline=None)
 @given(
-    arrays(np.float64, (6, 5), elements=st.floats(-1, 1, allow_nan=False)),
-    st.floats(0.1, 10),
+    arrays(np.float64, (6, 6), elements=st.floats(-1, 1, allow_nan=False)),
+    st.sampled_from([0.125, 0.5, 2.0, 16.0]),  # exact in floating point: ties stay ties
 )
 def test_fidelity_of_an_embedding_with_itself_is_perfect(emb, scale):
-    emb = emb + np.eye(6, 5)  # rows distinct and non-zero
+    emb = emb + 3 * np.eye(6)  # rows non-zero
     cosine, agreement = fidelity(scale * emb, emb)
     assert abs(cosine - 1.0) < 1e-9
     assert agreement == 1.0

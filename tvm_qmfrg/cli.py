@@ -96,6 +96,13 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--min-channels", type=int, default=1, metavar="N")
     p.add_argument(
+        "--allocation",
+        choices=("uniform", "global"),
+        default="uniform",
+        help="FLOPs budget across layers: the same fraction of every group (uniform, "
+        "default) or one ranking of the criterion's normalized costs (global)",
+    )
+    p.add_argument(
         "--protect",
         action="append",
         default=[],
@@ -153,6 +160,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         epsilon=args.epsilon,
         min_channels=args.min_channels,
         round_to=args.round_to,
+        allocation=args.allocation,
         protect=args.protect,
         seed=args.seed,
         model=args.model,

@@ -5,9 +5,14 @@ cost is computed once and recomputed only when the partner it would merge into h
 itself (its cost can only grow then), so the greedy order is exact at every step.
 
 - ``sparsity``: every prunable group loses ``floor(sparsity * units)`` units, cheapest first.
-- ``flops_reduction``: one ranking across all groups (costs are on one normalized scale),
-  removing the cheapest unit anywhere until the model's conv/matmul FLOPs drop by the
-  requested fraction; allocation across layers falls out of the criterion.
+- ``flops_reduction``: the model's conv/matmul FLOPs drop by the requested fraction, with
+  one of two allocations across groups. ``uniform`` (default): the smallest common fraction
+  of every group that reaches the target, then units given back (most-pruned group first)
+  while the target still holds; the criterion only decides *which* units go, so criteria
+  are compared at equal layer widths. ``global``: one ranking across all groups (costs on
+  one normalized scale), removing the cheapest unit anywhere; allocation falls out of the
+  criterion. On the shipped digits ResNet ``global`` over-prunes some layers for most
+  criteria (``tvm-qmfrg eval`` chooses between the two on the validation split).
 - ``epsilon`` (lossless): merges only, of units within ``epsilon`` radians of an alive
   partner whose merge is exact through the activation.
 
