@@ -19,8 +19,8 @@ demo: $(STAMP)
 	$(BIN)/tvm-qmfrg demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check tvm_qmfrg passes targets tests benchmarks
-	$(BIN)/ruff format --check --quiet tvm_qmfrg passes targets tests benchmarks
+	$(BIN)/ruff check tvm_qmfrg passes targets tests benchmarks tutorials
+	$(BIN)/ruff format --check --quiet tvm_qmfrg passes targets tests benchmarks tutorials
 
 test: lint
 	$(BIN)/python -m pytest -q
