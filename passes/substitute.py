@@ -81,6 +81,8 @@ class SubstitutionReport:
         }
 
     def table(self) -> str:
+        if not self.substitutions:
+            return "no operator qualifies for substitution (every bound above epsilon)"
         rows = [
             [
                 s.operator,
