@@ -257,6 +257,12 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         help="comma-separated: digits, minilm (default both)",
     )
     p.add_argument(
+        "--allocations",
+        default="uniform",
+        help="digits: FLOPs allocation(s); several = chosen per cell on the validation split "
+        "(default uniform)",
+    )
+    p.add_argument(
         "--ffn-sparsity",
         default="0.5",
         help="comma-separated MiniLM FFN-neuron sparsities, heads kept (default 0.5; '' none)",
@@ -293,6 +299,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         get_criterion(c.removesuffix("+cal"))
     if args.seeds < 1:
         raise OptionError(f"--seeds {args.seeds} must be >= 1")
+    allocations = [a for a in args.allocations.split(",") if a]
+    if not allocations or set(allocations) - {"uniform", "global"}:
+        raise OptionError(f"--allocations {args.allocations}: choose from uniform, global")
     models = [m for m in args.models.split(",") if m]
     unknown = set(models) - {"digits", "minilm"}
     if unknown or not models:
@@ -301,7 +310,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     digits = minilm = []
     if "digits" in models:
         digits = evaluate_digits(
-            default_model_path(), reductions, criteria, seeds=args.seeds, progress=show
+            default_model_path(),
+            reductions,
+            criteria,
+            seeds=args.seeds,
+            allocations=allocations,
+            progress=show,
         )
         print(digits_table(digits))
     if "minilm" in models:
@@ -311,7 +325,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         print(minilm_table(minilm))
     command = (
         f"tvm-qmfrg eval --reductions {args.reductions} --criteria {args.criteria} "
-        f"--seeds {args.seeds} --models {args.models} --ffn-sparsity '{args.ffn_sparsity}'"
+        f"--seeds {args.seeds} --models {args.models} --allocations {args.allocations} "
+        f"--ffn-sparsity '{args.ffn_sparsity}'"
     )
     written = write_eval_report(args.out, command, digits, minilm, default_model_path())
     print("wrote " + ", ".join(written))

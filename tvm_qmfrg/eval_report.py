@@ -42,8 +42,9 @@ def write_eval_report(
         parts += [
             "## Digits ResNet (shipped model)\n",
             "Accuracy on the test split and on its seeded augmented copy (10x, shifts and "
-            "noise). The allocation of the FLOPs budget across layers is chosen per cell on "
-            "the validation split. `+cal`: refit on 256 training images.\n",
+            "noise). `allocation`: how the FLOPs budget was spread over the layers (with "
+            "several allocations given, chosen per cell on the validation split). `+cal`: "
+            "refit on 256 training images.\n",
             f"```\n{evaluation.summary_table(digits_cells)}\n```\n",
         ]
     if minilm_cells:

@@ -6,10 +6,12 @@ a seeded augmented copy of it, achieved FLOPs and parameters (counted on the mod
 batch-1 latency of the untuned build. Criteria named ``<name>+cal`` run in data-aware mode,
 refit on training images (never the test split). ``random`` runs once per seed.
 
-The one hyper-parameter of a cell, how the FLOPs budget is allocated across layers
-(``uniform``: the same fraction of every group; ``global``: one ranking of the criterion's
-normalized costs across groups), is chosen per cell on the validation split; the test
-split and its augmented copy are measured only for the chosen plan.
+How the FLOPs budget is allocated across layers is fixed by ``allocations``: one name
+(default ``uniform``, the same fraction of every group: every criterion then prunes to the
+same layer widths and only *which* channels go differs), or several, of which each cell
+keeps the one with the best validation accuracy (the test split and its augmented copy are
+measured only for the chosen plan). Choosing among several favours ``random``: a second
+allocation is a second random draw, so the choice is a best-of-n on the validation split.
 
 TVM is imported inside the functions: ``import tvm_qmfrg`` stays TVM-free.
 """
@@ -30,7 +32,6 @@ from .report import format_table
 log = logging.getLogger(__name__)
 
 CALIBRATION_IMAGES = 256
-ALLOCATIONS = ("uniform", "global")
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,7 @@ def evaluate_digits(
     criteria: Sequence[str],
     *,
     seeds: int = 3,
+    allocations: Sequence[str] = ("uniform",),
     batch: int = 120,
     progress: Callable[[str], None] | None = None,
 ) -> list[Cell]:
@@ -134,7 +136,7 @@ def evaluate_digits(
             base, calibrated = (name[:-4], True) if name.endswith("+cal") else (name, False)
             for seed in range(seeds if base == "random" else 1):
                 tried = []
-                for allocation in ALLOCATIONS:
+                for allocation in allocations:
                     plan, _ = prune_module(
                         mod_cal if calibrated else mod_batch,
                         criterion=base,
