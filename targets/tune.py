@@ -257,7 +257,8 @@ def tune(
 ) -> TuneSummary:
     """Tune ``mod`` for ``config``, records in ``work_dir``'s JSON database (see module doc).
 
-    ``trials`` / ``trials_per_task`` default to the config's tuning section. ``tracker``
+    ``trials`` / ``trials_per_task`` default to the config's tuning section; a budget smaller
+    than ``tasks x trials_per_task`` is split evenly, so every task gets tuned. ``tracker``
     (``host:port``) is required when the config's runner is RPC. ``prepared=True`` says
     ``mod`` is already the output of :func:`prepare`. ``progress`` is called after every
     measured batch with a :class:`TuneProgress` (the CLI draws its progress bar from it).
@@ -289,6 +290,18 @@ def tune(
             f"{model}: extracting tuning tasks for {config.name} failed: {exc}"
         ) from exc
 
+    # a budget below tasks x per_task would leave the last tasks untuned (and untuned CPU
+    # schedules are ~100x slower): split it so that every task gets its share
+    configured = per_task
+    if 1 <= trials // max(1, len(extracted)) < per_task:
+        per_task = trials // len(extracted)
+        logger.info(
+            "%s: %d trials for %d tasks: %d per task, so that every task is tuned",
+            model,
+            trials,
+            len(extracted),
+            per_task,
+        )
     database = _database(work)
     done_keys = _read_done(work)
     total_before = count_records(work)
@@ -358,7 +371,9 @@ def tune(
         for j, i in enumerate(selected):
             # a task is finished when it reached its budget, or when the run stopped on its
             # own (every task terminated) rather than on the global trial budget
-            if budget_left or before[j] + callback.done[j] >= per_task:
+            # (a split budget's share is not a finished task: a larger budget goes on)
+            full = before[j] + callback.done[j] >= configured
+            if full or (budget_left and per_task == configured):
                 done_keys.add(statuses[i]["key"])
         _write_done(work, done_keys)
 
