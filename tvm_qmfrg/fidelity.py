@@ -76,10 +76,10 @@ def _ort_embed(model, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 def _latency_ms(mod, repeat: int = 3) -> float:
     import tvm
-    from tvm import relax
 
-    ex = tvm.compile(mod, target=tvm.target.Target({"kind": "llvm"}))
-    vm = relax.VirtualMachine(ex, tvm.cpu())
+    from .evaluation import host_vm
+
+    vm = host_vm(mod)
     ids = tvm.runtime.tensor(np.full((1, SEQ_LEN), minilm.CLS, dtype=np.int64))
     mask = tvm.runtime.tensor(np.ones((1, SEQ_LEN), dtype=np.int64))
     timer = vm.time_evaluator("main", tvm.cpu(), number=3, repeat=repeat)
