@@ -22,6 +22,7 @@ import pytest
 import tvm
 from helpers import load, random_input, run
 from tvm import relax
+from tvm.s_tir import meta_schedule as ms
 from tvm_qmfrg.passes.prune import QMFRGPrune
 from tvm_qmfrg.targets import (
     Artifact,
@@ -32,6 +33,8 @@ from tvm_qmfrg.targets import (
     compile_module,
 )
 from tvm_qmfrg.targets import load as load_target
+from tvm_qmfrg.targets.tune import build_candidate, export_candidate
+from tvm_qmfrg.targets.tune import prepare as prepare_for_tuning
 
 from tvm_qmfrg import OptionError, synthetic
 
@@ -344,6 +347,20 @@ def test_rk3399_pruned_cross_compiled_so(cnn, tmp_path):
     assert "__tvm_ffi__library_bin" in symbols
     kernels = {s for s in symbols if s.startswith("__tvm_ffi_") and s != "__tvm_ffi__library_bin"}
     assert any("conv2d" in s for s in kernels), sorted(symbols)
+
+
+def test_tuning_candidates_for_a_board_are_cross_linked_here(cnn):
+    # what MetaSchedule's builder does with each candidate of an arm-rk3399 tuning run: the
+    # board gets a ready AArch64 .so, not a .tar it would have to link with its own compiler
+    config = load_target("arm-rk3399")
+    target = config.tvm_target()
+    (task, *_) = ms.relax_integration.extract_tasks(prepare_for_tuning(cnn, target), target)
+    built = build_candidate(task.dispatched[0], target)
+    path = Path(export_candidate(built, config.cross_compiler))
+    assert path.suffix == ".so"
+    header = elf_header(path)
+    assert header["machine"] == EM_AARCH64 and header["type"] == ET_DYN
+    assert any(s.startswith("__tvm_ffi_") for s in defined_dynamic_symbols(path))
 
 
 def test_jetson_device_module_holds_cuda_kernels(cnn, tmp_path):

@@ -6,6 +6,7 @@ runner through a tracker, tuned artifact correct), not the speed of the result.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -97,3 +98,29 @@ def test_rpc_runner_through_a_tracker_with_two_servers(tiny, tmp_path):
     _, new, skipped, best = line.split()
     assert int(new) >= 1 and count_records(work) == int(new)
     assert skipped == "False" and float(best) > 0
+
+
+SPLIT_RUN = (
+    "import sys, json; from tvm_qmfrg import synthetic; from helpers import load; "
+    "from tvm_qmfrg.targets import tune; mod = load(synthetic.mlp(sizes=(16, 8, 4))); "
+    "runs = [tune(mod, 'x86-host', work_dir=sys.argv[1], trials=n, trials_per_task=2) "
+    "for n in (2, 4)]; "
+    "print('RESULT', json.dumps([[[t.records_after, t.skipped] for t in s.tasks] for s in runs]))"
+)
+
+
+def test_small_budget_is_split_over_every_task_and_a_larger_one_goes_on(tmp_path):
+    # two dense layers: two tasks. Unsplit, 2 trials with 2 per task would tune the first task
+    # only; split, each gets one - and a one-trial share must not mark a task finished, so a
+    # second run with 4 trials goes on with both
+    proc = subprocess.run(
+        [sys.executable, "-c", SPLIT_RUN, str(tmp_path)],
+        capture_output=True, text=True, timeout=400, cwd=Path(__file__).parent,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (line,) = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")]
+    first, second = json.loads(line.split(" ", 1)[1])
+    assert len(first) == 2
+    assert all(records >= 1 and not skipped for records, skipped in first), first
+    assert all(after >= 2 and not skipped for after, skipped in second), second
+    assert count_records(tmp_path) >= 4
