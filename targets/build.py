@@ -27,6 +27,7 @@ import os
 import shlex
 import shutil
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -185,6 +186,7 @@ def build(
     trials: int = 0,
     trials_per_task: int | None = None,
     tracker: str | None = None,
+    shape_bindings: Mapping[str, int] | None = None,
     **tune_options,
 ) -> Artifact:
     """Compile ``mod`` for ``config`` without tuning and export it; returns the :class:`Artifact`.
@@ -198,8 +200,9 @@ def build(
     (:func:`~tvm_qmfrg.targets.tune.tune`: ``trials_per_task`` defaults to the config's,
     ``tracker`` is the RPC tracker ``host:port`` for RPC runners, other keyword options go to
     ``tune``); the JSON database lives in ``work_dir`` (required then) and is reused by later
-    runs. The best schedules are applied and the result is compiled and exported as above,
-    with ``Artifact.tuned`` set.
+    runs. Tuning needs static shapes: symbolic dimensions are bound from ``shape_bindings``
+    (name -> size), else to 1, and the tuned library takes those shapes. The best schedules
+    are applied and the result is compiled and exported as above, with ``Artifact.tuned`` set.
     """
     config = _as_config(config)
     work = Path(work_dir) if work_dir is not None else None
@@ -219,7 +222,7 @@ def build(
 
         if work is None:
             raise OptionError(f"{model}: tuning needs a work_dir for its database")
-        legal = prepare(mod, config.tvm_target())
+        legal = prepare(mod, config.tvm_target(), shape_bindings=shape_bindings, model=model)
         tune(
             legal,
             config,

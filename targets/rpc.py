@@ -59,7 +59,7 @@ def connect(host: str, port: int, key: str | None = None, *, timeout: float = 60
         raise OptionError(f"cannot open an RPC session with the {where}: {exc}") from exc
 
 
-def _is_host_artifact(path: Path) -> bool:
+def is_host_artifact(path: Path) -> bool:
     """Whether ``path`` is a shared library for this machine's architecture."""
     import platform
 
@@ -77,9 +77,20 @@ def local_outputs(artifact_path, inputs: list[np.ndarray]) -> np.ndarray:
     import tvm
     from tvm import relax
 
-    vm = relax.VirtualMachine(tvm.runtime.load_module(str(artifact_path)), tvm.cpu())
-    out = vm["main"](*[tvm.runtime.tensor(x) for x in inputs])
+    try:
+        vm = relax.VirtualMachine(tvm.runtime.load_module(str(artifact_path)), tvm.cpu())
+        out = vm["main"](*[tvm.runtime.tensor(x) for x in inputs])
+    except Exception as exc:  # TVM raises RuntimeError/TVMError on a shape or dtype mismatch
+        raise ModelError(
+            f"artifact {artifact_path}: running it here failed: {_reason(exc)}"
+        ) from exc
     return _first_numpy(out)
+
+
+def _reason(exc: Exception) -> str:
+    """The last line of a TVM error (its check message; earlier lines are RPC framing)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return lines[-1] if lines else type(exc).__name__
 
 
 def _first_numpy(out) -> np.ndarray:
@@ -120,7 +131,7 @@ def bench(
         raise ModelError(f"artifact {path}: no such file")
     if repeat < 1 or number < 1:
         raise OptionError(f"repeat ({repeat}) and number ({number}) must be >= 1")
-    if reference is None and _is_host_artifact(path):
+    if reference is None and is_host_artifact(path):
         reference = local_outputs(path, inputs)
 
     remote = connect(host, port, key)
@@ -136,7 +147,7 @@ def bench(
     except QMFRGError:
         raise
     except Exception as exc:
-        raise ModelError(f"artifact {path}: running it over RPC failed: {exc}") from exc
+        raise ModelError(f"artifact {path}: running it over RPC failed: {_reason(exc)}") from exc
     finally:
         with contextlib.suppress(Exception):
             remote.remove(path.name)

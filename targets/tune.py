@@ -30,7 +30,7 @@ import functools
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,11 +106,46 @@ def parse_tracker(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def prepare(mod, target):
-    """Legalize, fold and fuse ``mod`` for ``target``: the module tasks are extracted from."""
+def bind_static_shapes(mod, bindings: Mapping[str, int] | None = None, *, model: str = "model"):
+    """``mod`` with every symbolic dimension of ``main``'s parameters bound to an integer.
+
+    MetaSchedule tunes static shapes only (a symbolic loop extent makes its task sampling
+    fail), so a dynamic dimension (an ONNX model's ``batch``) is bound by name from
+    ``bindings``, else to 1, the batch of edge inference; the tuned library then takes that
+    shape. Unknown names in ``bindings`` are an :class:`OptionError`.
+    """
+    from tvm import relax
+
+    names = [v.name for v in relax.analysis.defined_symbolic_vars(mod["main"])]
+    bindings = dict(bindings or {})
+    unknown = sorted(set(bindings) - set(names))
+    if unknown:
+        have = ", ".join(names) or "none"
+        raise OptionError(
+            f"{model}: no symbolic dimension named {', '.join(unknown)} (it has: {have})"
+        )
+    if not names:
+        return mod
+    values = {n: int(bindings.get(n, 1)) for n in names}
+    if any(v < 1 for v in values.values()):
+        raise OptionError(f"{model}: shape bindings must be >= 1, got {values}")
+    defaulted = [n for n in names if n not in bindings]
+    if defaulted:
+        logger.warning(
+            "%s: tuning needs static shapes: binding %s (the tuned library takes these)",
+            model,
+            ", ".join(f"{n}={values[n]}" for n in names),
+        )
+    return relax.transform.BindSymbolicVars(values)(mod)
+
+
+def prepare(mod, target, *, shape_bindings: Mapping[str, int] | None = None, model="model"):
+    """Bind static shapes (:func:`bind_static_shapes`), then legalize, fold and fuse ``mod``
+    for ``target``: the module tasks are extracted from."""
     import tvm
     from tvm import relax
 
+    mod = bind_static_shapes(mod, shape_bindings, model=model)
     with target:
         return tvm.transform.Sequential(
             [
@@ -280,14 +315,16 @@ def tune(
     model: str = "model",
     prepared: bool = False,
     progress: Callable[[TuneProgress], None] | None = None,
+    shape_bindings: Mapping[str, int] | None = None,
 ) -> TuneSummary:
     """Tune ``mod`` for ``config``, records in ``work_dir``'s JSON database (see module doc).
 
     ``trials`` / ``trials_per_task`` default to the config's tuning section; a budget smaller
     than ``tasks x trials_per_task`` is split evenly, so every task gets tuned. ``tracker``
     (``host:port``) is required when the config's runner is RPC. ``prepared=True`` says
-    ``mod`` is already the output of :func:`prepare`. ``progress`` is called after every
-    measured batch with a :class:`TuneProgress` (the CLI draws its progress bar from it).
+    ``mod`` is already the output of :func:`prepare` (else ``shape_bindings`` go to it).
+    ``progress`` is called after every measured batch with a :class:`TuneProgress` (the CLI
+    draws its progress bar from it).
     """
     from tvm.s_tir import meta_schedule as ms
 
@@ -307,7 +344,9 @@ def tune(
     target = config.tvm_target()
     runner = _runner(config, tracker, run_timeout)
     try:
-        legal = mod if prepared else prepare(mod, target)
+        legal = (
+            mod if prepared else prepare(mod, target, shape_bindings=shape_bindings, model=model)
+        )
         extracted = ms.relax_integration.extract_tasks(legal, target)
     except QMFRGError:
         raise
@@ -429,19 +468,27 @@ def tune(
     return summary
 
 
-def apply_database(mod, config: TargetConfig | str | os.PathLike, work_dir, *, prepared=False):
+def apply_database(
+    mod, config: TargetConfig | str | os.PathLike, work_dir, *, prepared=False, shape_bindings=None
+):
     """``mod`` with the best schedules of ``work_dir``'s database applied."""
     from tvm import relax
 
     config = config if isinstance(config, TargetConfig) else load(config)
     target = config.tvm_target()
-    legal = mod if prepared else prepare(mod, target)
+    legal = mod if prepared else prepare(mod, target, shape_bindings=shape_bindings)
     with target:
         return relax.transform.MetaScheduleApplyDatabase(str(work_dir))(legal)
 
 
 def compile_tuned(
-    mod, config: TargetConfig | str | os.PathLike, work_dir, *, model="model", prepared=False
+    mod,
+    config: TargetConfig | str | os.PathLike,
+    work_dir,
+    *,
+    model="model",
+    prepared=False,
+    shape_bindings: Mapping[str, int] | None = None,
 ):
     """Apply ``work_dir``'s database to ``mod`` and compile it; returns the Relax Executable."""
     import tvm
@@ -451,7 +498,10 @@ def compile_tuned(
     config = config if isinstance(config, TargetConfig) else load(config)
     target = config.tvm_target()
     try:
-        tuned = apply_database(mod, config, work_dir, prepared=prepared)
+        legal = (
+            mod if prepared else prepare(mod, target, shape_bindings=shape_bindings, model=model)
+        )
+        tuned = apply_database(legal, config, work_dir, prepared=True)
         return tvm.compile(tuned, target=target, relax_pipeline=untuned_pipeline(target))
     except QMFRGError:
         raise

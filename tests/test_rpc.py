@@ -91,7 +91,50 @@ def test_bench_errors_are_one_line(compiled, tmp_path):
         "bench", str(Path(tmp_path) / "none.so"), "--rpc", "127.0.0.1:9", "--input-shape", "a=1"
     )
     assert proc.returncode == 1 and "no such file" in proc.stderr
+    with rpc.local_server() as (host, port):
+        for extra in ([], ["--reference", str(compiled)]):  # fails remotely / here first
+            proc = _cli(
+                "bench", str(compiled), "--rpc", f"{host}:{port}", "--input-shape", "input=1,31",
+                *extra,
+            )  # fmt: skip
+            assert proc.returncode == 1 and "(31 vs. 32)" in proc.stderr, proc.stderr
+            assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     with pytest.raises(OptionError, match="input-shape"):
         from tvm_qmfrg.cli import _parse_shape
 
         _parse_shape("input=1,x")
+
+
+def test_bench_cli_checks_against_a_reference_library(compiled, tmp_path):
+    # the artifact for a board cannot run here: a host build of the same model is the reference
+    other = tmp_path / "other.onnx"
+    onnx.save(synthetic.mlp(seed=1), str(other))
+    different = tmp_path / "other.so"
+    assert _cli("compile", str(other), "--target", "x86-host", "-o", str(different)).returncode == 0
+    args = ["--input-shape", "input=1,32", "--repeat", "1", "--number", "1"]
+    with rpc.local_server() as (host, port):
+        same = _cli(
+            "bench", str(compiled), "--rpc", f"{host}:{port}", "--reference", str(compiled), *args
+        )
+        wrong = _cli(
+            "bench", str(compiled), "--rpc", f"{host}:{port}", "--reference", str(different), *args
+        )
+    assert same.returncode == 0 and "output matches the local reference" in same.stdout, same.stderr
+    assert wrong.returncode == 1 and "output DIFFERS from the local reference" in wrong.stdout
+    onnx_file = tmp_path / "not-a-library.onnx"
+    onnx_file.write_bytes(b"x")
+    proc = _cli(
+        "bench", str(compiled), "--rpc", "127.0.0.1:9", "--reference", str(onnx_file), *args
+    )
+    assert proc.returncode == 1 and "not a shared library built for this machine" in proc.stderr
+
+
+def test_compile_bind_errors_are_one_line(tmp_path):
+    model = tmp_path / "mlp.onnx"
+    onnx.save(synthetic.mlp(), str(model))
+    base = ["compile", str(model), "--target", "x86-host", "-o", str(tmp_path / "m.so")]
+    proc = _cli(*base, "--bind", "batch")
+    assert proc.returncode == 1 and "must be DIM=SIZE" in proc.stderr
+    proc = _cli(*base, "--bind", "batch=2")
+    assert proc.returncode == 1 and "needs --trials > 0" in proc.stderr
+    assert not (tmp_path / "m.so").exists()

@@ -14,11 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tvm
-from helpers import load, random_input, run
+from helpers import HOST, load, random_input, run
 from tvm import relax
 from tvm_qmfrg.targets import build, rpc, tune
 from tvm_qmfrg.targets import load as load_target
 from tvm_qmfrg.targets.tune import count_records
+from tvm_qmfrg.targets.tune import prepare as prepare_for_tuning
 
 from tvm_qmfrg import OptionError, synthetic
 
@@ -29,16 +30,29 @@ def tiny():
     return model, load(model)
 
 
-def test_tuned_build_then_second_run_measures_nothing_new(tiny, tmp_path):
-    model, mod = tiny
-    artifact = build(mod, "x86-host", work_dir=tmp_path, trials=2, trials_per_task=2)
+@pytest.fixture(scope="module")
+def tiny_dynamic():
+    """The one-layer MLP with a symbolic batch, as ONNX exporters write it."""
+    model = synthetic.mlp(sizes=(16, 8))
+    for value in (*model.graph.input, *model.graph.output):
+        value.type.tensor_type.shape.dim[0].dim_param = "batch"
+    return load(model)
+
+
+def test_tuned_build_then_second_run_measures_nothing_new(tiny, tiny_dynamic, tmp_path, caplog):
+    # a symbolic batch is bound to 1 for tuning (MetaSchedule's sampling fails on it)
+    model, static = tiny
+    mod = tiny_dynamic
+    with caplog.at_level("WARNING", logger="tvm_qmfrg.targets.tune"):
+        artifact = build(mod, "x86-host", work_dir=tmp_path, trials=2, trials_per_task=2)
+    assert "tuning needs static shapes: binding batch=1" in caplog.text
     assert artifact.tuned and artifact.path == tmp_path / "x86-host.so"
     first = count_records(tmp_path)
     assert first >= 1
     vm = relax.VirtualMachine(tvm.runtime.load_module(str(artifact.path)), tvm.cpu())
     x = random_input(model, seed=3)
     got = vm["main"](tvm.runtime.tensor(x)).numpy()
-    np.testing.assert_allclose(got, run(mod, x), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got, run(static, x), rtol=1e-5, atol=1e-5)
 
     summary = tune(mod, "x86-host", work_dir=tmp_path, trials=2, trials_per_task=2)
     assert summary.tasks and all(t.skipped for t in summary.tasks)
@@ -124,3 +138,15 @@ def test_small_budget_is_split_over_every_task_and_a_larger_one_goes_on(tmp_path
     assert all(records >= 1 and not skipped for records, skipped in first), first
     assert all(after >= 2 and not skipped for after, skipped in second), second
     assert count_records(tmp_path) >= 4
+
+
+def test_shape_bindings_name_real_dimensions(tiny_dynamic):
+    bound = prepare_for_tuning(tiny_dynamic, HOST, shape_bindings={"batch": 4}, model="mlp")
+    (param,) = bound["main"].params
+    assert [int(d) for d in param.ty.shape.values] == [4, 16]
+    with pytest.raises(
+        OptionError, match=r"mlp: no symbolic dimension named seq \(it has: batch\)"
+    ):
+        prepare_for_tuning(tiny_dynamic, HOST, shape_bindings={"seq": 8}, model="mlp")
+    with pytest.raises(OptionError, match=">= 1"):
+        prepare_for_tuning(tiny_dynamic, HOST, shape_bindings={"batch": 0})

@@ -8,6 +8,7 @@ import math
 import shutil
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from . import __version__
 from .errors import OptionError, QMFRGError
@@ -385,6 +386,14 @@ def _add_compile(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--trials-per-task", type=int, metavar="N", help="default: the target's")
     p.add_argument("--work-dir", metavar="DIR", help="tuning database and logs (default tune/)")
     p.add_argument("--tracker", metavar="HOST:PORT", help="RPC tracker for targets on boards")
+    p.add_argument(
+        "--bind",
+        action="append",
+        default=[],
+        metavar="DIM=SIZE",
+        help="size of a symbolic input dimension when tuning (repeatable; default 1 each: "
+        "tuning needs static shapes, and the tuned library takes them)",
+    )
     p.add_argument("--output", "-o", metavar="OUT", help="library to write (.so or .tar)")
     p.set_defaults(func=_cmd_compile)
 
@@ -431,6 +440,9 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     config = load_target(args.target)
     if args.trials < 0:
         raise OptionError(f"--trials {args.trials} must be >= 0")
+    bindings = dict(_parse_binding(b) for b in args.bind)
+    if bindings and args.trials == 0:
+        raise OptionError("--bind sizes dimensions for tuning: it needs --trials > 0")
     if args.tracker and config.runner.kind != "rpc":
         raise OptionError(f"--tracker: target {config.name} measures locally (runner 'local')")
     model = load_onnx(args.model)
@@ -463,6 +475,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
             trials=args.trials,
             trials_per_task=args.trials_per_task,
             tracker=args.tracker,
+            shape_bindings=bindings,
             **extra,
         )
     finally:
@@ -471,6 +484,13 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     state = "tuned" if artifact.tuned else "untuned"
     print(f"wrote {artifact.path} ({config.name}, {artifact.format}, {state})")
     return 0
+
+
+def _parse_binding(text: str) -> tuple[str, int]:
+    name, sep, size = text.partition("=")
+    if not sep or not name or not size.strip().isdigit() or int(size) < 1:
+        raise OptionError(f"--bind '{text}' must be DIM=SIZE (a positive integer)")
+    return name, int(size)
 
 
 def _parse_shape(text: str) -> tuple[str, tuple[int, ...]]:
@@ -504,23 +524,38 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--repeat", type=int, default=10, help="timed repeats (default 10)")
     p.add_argument("--number", type=int, default=10, help="runs per repeat (default 10)")
+    p.add_argument(
+        "--reference",
+        metavar="HOST_LIB",
+        help="the same model built for this machine (e.g. compile --target x86-host): its "
+        "output is the reference for an artifact built for another architecture",
+    )
     p.set_defaults(func=_cmd_bench)
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from .targets.rpc import bench, default_inputs
+    from .targets.rpc import bench, default_inputs, is_host_artifact, local_outputs
     from .targets.tune import parse_tracker
 
     host, port = parse_tracker(args.rpc)
     if not args.input_shape:
         raise OptionError("give the input shapes of main with --input-shape NAME=D1,D2,...")
     shapes = dict(_parse_shape(s) for s in args.input_shape)
+    inputs = default_inputs(shapes)
+    reference = None
+    if args.reference:
+        if not is_host_artifact(Path(args.reference)):
+            raise OptionError(
+                f"--reference {args.reference}: not a shared library built for this machine"
+            )
+        reference = local_outputs(args.reference, inputs)
     result = bench(
         args.artifact,
         host,
         port,
         args.key,
-        inputs=default_inputs(shapes),
+        inputs=inputs,
+        reference=reference,
         repeat=args.repeat,
         number=args.number,
     )
@@ -530,7 +565,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         f"std {result.std_ms:.4f} ms  over {result.repeats} repeats"
     )
     if result.output_matches is None:
-        print("output: not checked (no local reference for this artifact)")
+        print(
+            "output: not checked (no local reference for this artifact; give one with "
+            "--reference HOST_LIB)"
+        )
     else:
         state = "matches" if result.output_matches else "DIFFERS from"
         print(f"output {state} the local reference (max abs error {result.max_abs_error:.3g})")
