@@ -6,7 +6,8 @@ the same model pruned to 50 % FLOPs by ``qmfrg`` (channels rounded to the target
 with TVM's ``time_evaluator``; onnxruntime runs the dense and the pruned ONNX in the same run.
 Run from the repository root::
 
-    .venv/bin/python benchmarks/bench_deploy.py [--trials 256] [--out FILE.json]
+    .venv/bin/python benchmarks/bench_deploy.py [--trials 256] [--trials-per-task N] \
+        [--out FILE.json]
 """
 
 from __future__ import annotations
@@ -51,6 +52,9 @@ def ort_ms(model, x: np.ndarray, repeat: int = 200) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=256)
+    parser.add_argument(
+        "--trials-per-task", type=int, default=None, help="default: the target config's"
+    )
     parser.add_argument("--out", default="benchmarks/results/deploy.json")
     args = parser.parse_args()
     config = targets.load("x86-host")
@@ -67,6 +71,7 @@ def main() -> None:
                 m,
                 config,
                 trials=args.trials,
+                trials_per_task=args.trials_per_task,
                 work_dir=Path(tmp) / name,
                 output=Path(tmp) / f"{name}.so",
                 model=name,
@@ -79,9 +84,11 @@ def main() -> None:
     rows["dense"]["onnxruntime_ms"] = ort_ms(model, x)
     rows["pruned"]["onnxruntime_ms"] = ort_ms(pruned_onnx, x)
     result = {
-        "command": f"python benchmarks/bench_deploy.py --trials {args.trials}",
+        "command": f"python benchmarks/bench_deploy.py --trials {args.trials}"
+        + (f" --trials-per-task {args.trials_per_task}" if args.trials_per_task else ""),
         "target": config.name,
         "trials_each": args.trials,
+        "trials_per_task": args.trials_per_task or config.tuning.trials_per_task,
         "flops_reduction": plan.flops_reduction,
         "params": [plan.params_before, plan.params_after],
         "results": rows,

@@ -137,6 +137,10 @@ print(
 # * ``work_dir`` holds MetaSchedule's JSON database. A later call with the same folder skips
 #   finished tasks and goes on with the others, so a long run can be done in installments
 #   or resumed after an interruption.
+# * MetaSchedule tunes static shapes. The digits model's batch is symbolic (as ONNX
+#   exporters write it), so tuning binds it to 1 and says so; the tuned library then takes
+#   batch 1. ``shape_bindings={"batch": 8}`` (``--bind batch=8`` on the command line) tunes
+#   for another size.
 #
 # A real budget is in the thousands of trials; on the command line, with boards registered
 # at a tracker::

@@ -252,5 +252,11 @@ print("servers and tracker stopped")
 #
 # A library cross-compiled for the board cannot run on the build machine, so ``bench`` has
 # no local reference for it: pass ``reference=`` from a host build of the same module, as
-# done above, to check the board's output too. Timings on a board vary with its clock
+# done above (on the command line ``--reference host.so``), to check the board's output too.
+# Prune once (``tvm-qmfrg prune ... -o pruned.onnx``) and compile that file for both
+# targets, so both libraries hold the same module. Timings on a board vary with its clock
 # governor and temperature: pin the governor to ``performance`` and compare medians.
+#
+# No board yet? ``benchmarks/bench_qemu_board.py`` builds an emulated one (an arm64 Debian
+# userland with TVM's aarch64 wheel, its RPC server under ``qemu-aarch64-static``) and runs
+# every step above against it: correct outputs, emulated timings.
