@@ -13,8 +13,9 @@ model) with:
   (``host:port``, key from the config) with one worker per server the tracker knows;
 * a persistent ``JSONDatabase`` in ``work_dir``. MetaSchedule itself re-measures new
   candidates for a workload already in its database, so tasks are filtered first: a task
-  whose workload has ``trials_per_task`` records, or that a finished run marked complete
-  (``tvm_qmfrg-tuned.json``), is skipped. A run interrupted mid-task keeps every record it
+  whose workload has ``trials_per_task`` records, or that a run with at least this
+  ``trials_per_task`` marked finished (``tvm_qmfrg-tuned.json``), is skipped; a larger
+  ``trials_per_task`` later goes on with it. A run interrupted mid-task keeps every record it
   wrote; the next run skips the finished tasks and re-tunes the others, seeded from the
   database's best records.
 
@@ -185,18 +186,22 @@ def _workload_key(mod) -> str:
     return str(tvm_ffi.structural_hash(mod))
 
 
-def _read_done(work_dir: Path) -> set[str]:
+def _read_done(work_dir: Path) -> dict[str, int]:
+    """Finished tasks: workload key -> the trials-per-task budget they finished under."""
     path = work_dir / DONE_FILE
     try:
-        return set(json.loads(path.read_text()))
+        done = json.loads(path.read_text())
     except (OSError, ValueError):
-        return set()
+        return {}
+    if not isinstance(done, dict):
+        return {}
+    return {str(k): int(v) for k, v in done.items()}
 
 
-def _write_done(work_dir: Path, keys: set[str]) -> None:
+def _write_done(work_dir: Path, done: dict[str, int]) -> None:
     path = work_dir / DONE_FILE
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(sorted(keys)))
+    tmp.write_text(json.dumps(dict(sorted(done.items())), indent=0))
     os.replace(tmp, path)
 
 
@@ -368,7 +373,7 @@ def tune(
             per_task,
         )
     database = _database(work)
-    done_keys = _read_done(work)
+    done = _read_done(work)
     total_before = count_records(work)
     statuses: dict[int, dict] = {}
     selected, before = [], []
@@ -376,7 +381,7 @@ def tune(
         wl = task.dispatched[0]
         records = _records_of(database, wl)
         key = _workload_key(wl)
-        skip = key in done_keys or len(records) >= per_task
+        skip = done.get(key, 0) >= per_task or len(records) >= per_task
         statuses[i] = {"name": task.task_name, "before": len(records), "skip": skip, "key": key}
         if skip:
             logger.info(
@@ -446,8 +451,9 @@ def tune(
             # (a split budget's share is not a finished task: a larger budget goes on)
             full = before[j] + callback.done[j] >= configured
             if full or (budget_left and per_task == configured):
-                done_keys.add(statuses[i]["key"])
-        _write_done(work, done_keys)
+                key = statuses[i]["key"]
+                done[key] = max(done.get(key, 0), configured)
+        _write_done(work, done)
 
     tasks = []
     for i, task in enumerate(extracted):

@@ -117,8 +117,8 @@ def test_rpc_runner_through_a_tracker_with_two_servers(tiny, tmp_path):
 SPLIT_RUN = (
     "import sys, json; from tvm_qmfrg import synthetic; from helpers import load; "
     "from tvm_qmfrg.targets import tune; mod = load(synthetic.mlp(sizes=(16, 8, 4))); "
-    "runs = [tune(mod, 'x86-host', work_dir=sys.argv[1], trials=n, trials_per_task=2) "
-    "for n in (2, 4)]; "
+    "runs = [tune(mod, 'x86-host', work_dir=sys.argv[1], trials=n, trials_per_task=k) "
+    "for n, k in ((2, 2), (4, 2), (4, 2), (6, 3))]; "
     "print('RESULT', json.dumps([[[t.records_after, t.skipped] for t in s.tasks] for s in runs]))"
 )
 
@@ -126,18 +126,21 @@ SPLIT_RUN = (
 def test_small_budget_is_split_over_every_task_and_a_larger_one_goes_on(tmp_path):
     # two dense layers: two tasks. Unsplit, 2 trials with 2 per task would tune the first task
     # only; split, each gets one - and a one-trial share must not mark a task finished, so a
-    # second run with 4 trials goes on with both
+    # second run with 4 trials goes on with both; a larger per-task budget goes on again
     proc = subprocess.run(
         [sys.executable, "-c", SPLIT_RUN, str(tmp_path)],
         capture_output=True, text=True, timeout=400, cwd=Path(__file__).parent,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     (line,) = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")]
-    first, second = json.loads(line.split(" ", 1)[1])
+    first, second, third, fourth = json.loads(line.split(" ", 1)[1])
     assert len(first) == 2
     assert all(records >= 1 and not skipped for records, skipped in first), first
     assert all(after >= 2 and not skipped for after, skipped in second), second
-    assert count_records(tmp_path) >= 4
+    # both finished at 2 per task: the same budget again measures nothing, 3 per task goes on
+    assert all(skipped for _, skipped in third), third
+    assert all(after >= 3 and not skipped for after, skipped in fourth), fourth
+    assert count_records(tmp_path) >= 6
 
 
 def test_shape_bindings_name_real_dimensions(tiny_dynamic):
