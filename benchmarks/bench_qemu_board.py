@@ -117,8 +117,6 @@ def python_launcher(root: Path) -> Path:
 @contextlib.contextmanager
 def emulated_board(launcher: Path, tracker: tuple[str, int], timeout: float = 120.0):
     """``tvm.exec.rpc_server`` under qemu, registered with ``tracker`` under :data:`KEY`."""
-    from tvm import rpc as tvm_rpc
-
     proc = subprocess.Popen(
         [str(launcher), "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1",
          "--port", "9400", "--port-end", "9500", "--tracker", f"{tracker[0]}:{tracker[1]}",
@@ -127,7 +125,7 @@ def emulated_board(launcher: Path, tracker: tuple[str, int], timeout: float = 12
     )  # fmt: skip
     try:
         deadline = time.monotonic() + timeout
-        while KEY not in str(tvm_rpc.connect_tracker(*tracker).summary().get("queue_info", {})):
+        while not rpc.is_registered(tracker, KEY):
             if proc.poll() is not None:
                 raise RuntimeError(f"the emulated board's RPC server exited: {proc.stderr.read()}")
             if time.monotonic() > deadline:

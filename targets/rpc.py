@@ -185,6 +185,17 @@ def _wait_for(predicate, timeout: float, what: str) -> None:
         time.sleep(0.1)
 
 
+def is_registered(tracker: tuple[str, int], key: str) -> bool:
+    """Whether a server under ``key`` is registered with the tracker at ``tracker``."""
+    from tvm import rpc
+
+    summary = rpc.connect_tracker(*tracker).summary()
+    return any(
+        k == key and (q.get("free", 0) + q.get("pending", 0)) > 0
+        for k, q in summary.get("queue_info", {}).items()
+    ) or any(key in str(s.get("key", "")) for s in summary.get("server_info", []))
+
+
 @contextlib.contextmanager
 def local_tracker(port: int = 9190, port_end: int = 9290, *, timeout: float = 30.0):
     """A ``tvm.rpc.tracker.Tracker`` on 127.0.0.1; yields ``(host, port)``, stopped on exit."""
@@ -229,15 +240,7 @@ def local_server(
     )
     try:
         if tracker is not None:
-
-            def registered():
-                summary = rpc.connect_tracker(*tracker).summary()
-                return any(
-                    k == key and (q.get("free", 0) + q.get("pending", 0)) > 0
-                    for k, q in summary.get("queue_info", {}).items()
-                ) or any(key in str(s.get("key", "")) for s in summary.get("server_info", []))
-
-            _wait_for(registered, timeout, f"RPC server '{key}'")
+            _wait_for(lambda: is_registered(tracker, key), timeout, f"RPC server '{key}'")
         yield LOCALHOST, server.port
     finally:
         server.terminate()

@@ -130,8 +130,7 @@ def bind_static_shapes(mod, bindings: Mapping[str, int] | None = None, *, model:
     values = {n: int(bindings.get(n, 1)) for n in names}
     if any(v < 1 for v in values.values()):
         raise OptionError(f"{model}: shape bindings must be >= 1, got {values}")
-    defaulted = [n for n in names if n not in bindings]
-    if defaulted:
+    if any(n not in bindings for n in names):
         logger.warning(
             "%s: tuning needs static shapes: binding %s (the tuned library takes these)",
             model,
@@ -475,14 +474,20 @@ def tune(
 
 
 def apply_database(
-    mod, config: TargetConfig | str | os.PathLike, work_dir, *, prepared=False, shape_bindings=None
+    mod,
+    config: TargetConfig | str | os.PathLike,
+    work_dir,
+    *,
+    prepared=False,
+    shape_bindings: Mapping[str, int] | None = None,
+    model="model",
 ):
     """``mod`` with the best schedules of ``work_dir``'s database applied."""
     from tvm import relax
 
     config = config if isinstance(config, TargetConfig) else load(config)
     target = config.tvm_target()
-    legal = mod if prepared else prepare(mod, target, shape_bindings=shape_bindings)
+    legal = mod if prepared else prepare(mod, target, shape_bindings=shape_bindings, model=model)
     with target:
         return relax.transform.MetaScheduleApplyDatabase(str(work_dir))(legal)
 
@@ -504,10 +509,9 @@ def compile_tuned(
     config = config if isinstance(config, TargetConfig) else load(config)
     target = config.tvm_target()
     try:
-        legal = (
-            mod if prepared else prepare(mod, target, shape_bindings=shape_bindings, model=model)
+        tuned = apply_database(
+            mod, config, work_dir, prepared=prepared, shape_bindings=shape_bindings, model=model
         )
-        tuned = apply_database(legal, config, work_dir, prepared=True)
         return tvm.compile(tuned, target=target, relax_pipeline=untuned_pipeline(target))
     except QMFRGError:
         raise
