@@ -22,7 +22,7 @@ import numpy as np
 import onnxruntime as ort
 import tvm
 from tvm import relax
-from tvm_qmfrg.passes.normalize import import_onnx
+from tvm_qmfrg.passes.importer import import_onnx
 from tvm_qmfrg.passes.onnx_export import export_onnx
 from tvm_qmfrg.passes.prune import prune_module
 

@@ -16,7 +16,7 @@ import os
 import platform
 import time
 
-from tvm_qmfrg.passes.normalize import import_onnx
+from tvm_qmfrg.passes.importer import import_onnx
 from tvm_qmfrg.passes.prune import QMFRGPrune
 
 from tvm_qmfrg import synthetic

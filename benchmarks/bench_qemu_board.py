@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from tvm_qmfrg.passes.normalize import import_onnx
+from tvm_qmfrg.passes.importer import import_onnx
 from tvm_qmfrg.passes.prune import prune_module
 from tvm_qmfrg.targets import build, export, rpc
 from tvm_qmfrg.targets import load as load_target

@@ -32,6 +32,8 @@ import numpy as np
 import tvm
 from tvm import relax
 
+from .importer import node_of
+
 log = logging.getLogger(__name__)
 
 # How a nonlinearity treats a merge ``a_j ~= c a_i`` (DESIGN.md, "Channel states").
@@ -805,7 +807,11 @@ def analyze_channels(func: relax.Function, name: str = "model") -> ChannelAnalys
 
 
 def producer_names(func: relax.Function, names: Sequence[str] | None) -> dict:
-    """Name every conv2d/matmul with a constant weight: ONNX names if given, else op_k."""
+    """Name every conv2d/matmul with a constant weight.
+
+    The ONNX node a binding came from when the module was imported by :mod:`.importer`
+    (bindings are named after nodes); else ``names`` in graph order if given; else ``op_k``.
+    """
     ops = []
     for block in func.body.blocks:
         for b in block.bindings:
@@ -817,6 +823,9 @@ def producer_names(func: relax.Function, names: Sequence[str] | None) -> dict:
                 and isinstance(v.args[1], tvm.ir.GenericConst)
             ):
                 ops.append((b.var, "conv" if v.op.name == "relax.nn.conv2d" else "matmul"))
+    nodes = [node_of(var.name) for var, _ in ops]
+    if all(nodes) and len(set(nodes)) == len(nodes):
+        return {var: node for (var, _), node in zip(ops, nodes)}
     if names is not None and len(names) != len(ops):
         log.warning(
             "%d operator names given for %d conv/matmul ops; using generic names",

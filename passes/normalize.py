@@ -118,14 +118,3 @@ def normalize(
         relax.transform.DeadCodeElimination(),
     ]
     return tvm.transform.Sequential(steps)(mod)
-
-
-def import_onnx(model, shape_dict: dict[str, list[int]] | None = None) -> tvm.IRModule:
-    """ONNX ``ModelProto`` -> Relax module with weights as constants (TVM's frontend)."""
-    from tvm.relax.frontend.onnx import from_onnx
-
-    try:
-        return from_onnx(model, shape_dict=shape_dict, keep_params_in_input=False)
-    except Exception as exc:  # the frontend raises many types; name the model and stop
-        name = model.graph.name or "model"
-        raise GraphError(f"{name}: TVM's ONNX frontend failed: {exc}") from exc

@@ -18,6 +18,9 @@ import tvm
 from tvm import relax
 
 from .channels import ChannelAnalysis, Layout, Site
+from .importer import bind_named
+
+PRUNED_SUFFIX = "_pruned"  # a binding that then gets a compensation add keeps its name + this
 
 log = logging.getLogger(__name__)
 
@@ -174,15 +177,13 @@ class Rewriter(relax.PyExprMutator):
         output = not isinstance(binding.var, relax.DataflowVar)
         name = binding.var.name
         if bias is not None:
-            out = self.builder_.emit(value, name_hint=name + "_pruned")
+            out = bind_named(self.builder_, value, name + PRUNED_SUFFIX)
             dims = len(out.ty.shape.values)
             shape = [1] * dims
             shape[1 if call.op.name == "relax.nn.conv2d" else dims - 1] = bias.size
             dtype = str(out.ty.dtype)
             value = relax.op.add(out, relax.const(bias.reshape(shape).astype(dtype)))
-        new_var = (
-            self.builder_.emit_output(value, name) if output else self.builder_.emit(value, name)
-        )
+        new_var = bind_named(self.builder_, value, name, output=output)
         self.set_var_remap(binding.var, new_var)
 
     def transform(self) -> tvm.IRModule:

@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import tvm
 from tvm import relax
-from tvm_qmfrg.passes.normalize import import_onnx
+from tvm_qmfrg.passes.importer import import_onnx
 
 HOST = tvm.target.Target({"kind": "llvm"})
 

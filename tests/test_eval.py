@@ -11,7 +11,7 @@ from helpers import compiled
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
-from tvm_qmfrg.passes.normalize import import_onnx
+from tvm_qmfrg.passes.importer import import_onnx
 
 from tvm_qmfrg.datasets import load_digits_splits
 from tvm_qmfrg.fidelity import fidelity

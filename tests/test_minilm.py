@@ -8,7 +8,7 @@ import tvm
 from helpers import HOST
 from tvm import relax
 from tvm_qmfrg.passes import export_onnx, prune_module
-from tvm_qmfrg.passes.normalize import import_onnx
+from tvm_qmfrg.passes.importer import import_onnx
 
 from tvm_qmfrg import minilm
 from tvm_qmfrg.errors import OptionError

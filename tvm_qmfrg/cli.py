@@ -133,7 +133,7 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
 def _cmd_prune(args: argparse.Namespace) -> int:
     from .criteria import get as get_criterion
     from .onnx_model import load_onnx, operator_names
-    from .passes.normalize import import_onnx
+    from .passes.importer import import_onnx
     from .passes.onnx_export import export_onnx
     from .passes.prune import prune_module
     from .passes.substitute import SpectralSubstitution
@@ -429,7 +429,7 @@ class _ProgressBar:
 
 def _cmd_compile(args: argparse.Namespace) -> int:
     from .onnx_model import load_onnx, operator_names
-    from .passes.normalize import import_onnx
+    from .passes.importer import import_onnx
     from .passes.prune import prune_module
     from .targets import build
     from .targets import load as load_target

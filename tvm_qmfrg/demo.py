@@ -62,7 +62,8 @@ def run_demo(
 
     from .passes import apply_plan, export_onnx, prune_module
     from .passes.flops import module_cost
-    from .passes.normalize import import_onnx, normalize
+    from .passes.importer import import_onnx
+    from .passes.normalize import normalize
     from .targets import load
 
     t_start = time.perf_counter()

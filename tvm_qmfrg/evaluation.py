@@ -91,7 +91,7 @@ def evaluate_digits(
     """Run the grid; ``progress`` receives one line per finished cell."""
     import onnx
 
-    from .passes.normalize import import_onnx
+    from .passes.importer import import_onnx
     from .passes.prune import apply_plan, prune_module
 
     if any(not 0 <= r < 1 for r in reductions):

@@ -97,7 +97,8 @@ def evaluate_minilm(
     """Run the grid (``reductions`` as ``flops`` cells, ``ffn_sparsities`` as ``ffn``)."""
     from .passes import apply_plan, export_onnx, prune_module
     from .passes.flops import module_cost
-    from .passes.normalize import import_onnx, normalize
+    from .passes.importer import import_onnx
+    from .passes.normalize import normalize
 
     if any(not 0 <= r < 1 for r in [*reductions, *ffn_sparsities]):
         raise OptionError("FLOPs reductions and FFN sparsities must lie in [0, 1)")

@@ -1,0 +1,1 @@
+"""ONNX side of the toolkit: preparing exporters' models for TVM (onnx only, no TVM)."""

@@ -1,0 +1,245 @@
+"""Bring an exporter's ONNX model into the form TVM's ONNX frontend takes.
+
+Real exports carry shape-computing subgraphs (``Shape -> Gather -> Concat -> Pad``, Paddle's
+``Reshape(x, Concat(Cast(Slice(Shape(x)))))``, anchor grids from ``Range``/``Expand``),
+weights in ``Constant`` nodes and symbolic input dims. TVM 0.27 rejects the first kind
+("Dynamic pads are not supported yet", "Reshape requires the input new shape to be Shape")
+and cannot legalize ops on symbolic shapes computed at run time. :func:`prepare`:
+
+1. binds every input dim to a static size: the sizes given in ``input_shapes``, else a
+   symbolic *leading* (batch) dim becomes 1 with a notice; any other symbolic dim is an
+   error asking for ``--input-shape``;
+2. folds constant subgraphs, propagates shapes and removes dead nodes with onnxslim, keeping
+   ``BatchNormalization`` nodes un-fused (their running statistics drive data-free bias
+   compensation) and identical weights un-shared (each node keeps its own tensor, so a pruned
+   copy can differ);
+3. turns remaining ``Constant`` nodes into initializers and gives every node a unique,
+   non-empty name (the Relax bindings and the exported graph are keyed by node name).
+
+Graph name, opset, producer and metadata are kept. onnxslim was chosen over onnxsim and
+onnxruntime's basic optimizer because it folds every idiom above, is a small pure-Python
+package on top of onnx, and lets BatchNorm fusion and weight tying be switched off.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from ..errors import GraphError, ModelError, OptionError
+
+log = logging.getLogger(__name__)
+
+_KEEP_UNFUSED = ["FusionConvBN", "FusionConvTransposeBN"]
+
+
+@dataclass
+class PreparedModel:
+    """An ONNX model ready for TVM's frontend, with what preparing it changed."""
+
+    model: onnx.ModelProto
+    name: str
+    input_shapes: dict[str, list[int]]
+    notices: list[str] = field(default_factory=list)
+    nodes_before: int = 0
+
+    @property
+    def nodes_after(self) -> int:
+        return len(self.model.graph.node)
+
+
+def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """The real inputs of the graph (not initializers listed as inputs, as old exports do)."""
+    inits = {t.name for t in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in inits]
+
+
+def _dims(value: onnx.ValueInfoProto) -> list[int | str | None]:
+    shape = value.type.tensor_type.shape
+    if not value.type.tensor_type.HasField("shape"):
+        return []
+    out: list[int | str | None] = []
+    for d in shape.dim:
+        if d.HasField("dim_value") and d.dim_value > 0:
+            out.append(int(d.dim_value))
+        elif d.HasField("dim_param"):
+            out.append(d.dim_param)
+        else:
+            out.append(None)
+    return out
+
+
+def static_input_shapes(
+    model: onnx.ModelProto, given: dict[str, list[int]] | None, name: str
+) -> tuple[dict[str, list[int]], list[str]]:
+    """Static shapes for every graph input, and the notices of dims bound by default."""
+    given = dict(given or {})
+    inputs = graph_inputs(model)
+    known = {i.name for i in inputs}
+    for key, dims in given.items():
+        if key not in known:
+            raise OptionError(
+                f"{name}: --input-shape names '{key}', but the model's inputs are "
+                f"{', '.join(sorted(known)) or 'none'}"
+            )
+        if not dims or any(int(d) < 1 for d in dims):
+            raise OptionError(f"{name}: --input-shape {key}: sizes must be positive integers")
+    shapes, notices = {}, []
+    for value in inputs:
+        dims = _dims(value)
+        if value.name in given:
+            want = [int(d) for d in given[value.name]]
+            if dims and len(want) != len(dims):
+                raise OptionError(
+                    f"{name}: --input-shape {value.name} has {len(want)} dims, "
+                    f"the input has {len(dims)}"
+                )
+            for d, w in zip(dims, want):
+                if isinstance(d, int) and d != w:
+                    raise OptionError(
+                        f"{name}: --input-shape {value.name}={','.join(map(str, want))} "
+                        f"contradicts its static shape {dims}"
+                    )
+            shapes[value.name] = want
+            continue
+        if not dims:
+            raise GraphError(
+                f"{name}: input '{value.name}' has no shape; give it with "
+                f"--input-shape {value.name}=D1,D2,..."
+            )
+        fixed = []
+        for axis, d in enumerate(dims):
+            if isinstance(d, int):
+                fixed.append(d)
+            elif axis == 0:
+                fixed.append(1)
+                notices.append(
+                    f"{name}: input '{value.name}' dim 0 ('{d or '?'}') bound to 1 "
+                    f"(set it with --input-shape {value.name}=...)"
+                )
+            else:
+                raise GraphError(
+                    f"{name}: input '{value.name}' has symbolic dim {axis} ('{d or '?'}'); "
+                    f"give static sizes with --input-shape {value.name}=D1,D2,..."
+                )
+        shapes[value.name] = fixed
+    return shapes, notices
+
+
+def constants_to_initializers(model: onnx.ModelProto) -> int:
+    """Move ``Constant`` nodes holding a tensor into initializers, in place; the count moved."""
+    kept, moved = [], 0
+    for node in model.graph.node:
+        if node.op_type == "Constant" and len(node.attribute) == 1:
+            attr = node.attribute[0]
+            if attr.name == "value":
+                tensor = onnx.TensorProto()
+                tensor.CopyFrom(attr.t)
+                tensor.name = node.output[0]
+                model.graph.initializer.append(tensor)
+                moved += 1
+                continue
+            if attr.name in ("value_float", "value_int", "value_floats", "value_ints"):
+                value = onnx.helper.get_attribute_value(attr)
+                dtype = np.float32 if "float" in attr.name else np.int64
+                array = np.array(value, dtype=dtype)
+                model.graph.initializer.append(numpy_helper.from_array(array, node.output[0]))
+                moved += 1
+                continue
+        kept.append(node)
+    if moved:
+        del model.graph.node[:]
+        model.graph.node.extend(kept)
+    return moved
+
+
+def unique_node_names(model: onnx.ModelProto) -> int:
+    """Give unnamed and repeated nodes unique names (``OpType_index``), in place."""
+    seen: set[str] = set()
+    renamed = 0
+    for i, node in enumerate(model.graph.node):
+        base = node.name or f"{node.op_type}_{i}"
+        candidate, k = base, 1
+        while candidate in seen:
+            k += 1
+            candidate = f"{base}_{k}"
+        if candidate != node.name:
+            node.name = candidate
+            renamed += 1
+        seen.add(candidate)
+    return renamed
+
+
+def _fold(model: onnx.ModelProto, shapes: dict[str, list[int]], name: str) -> onnx.ModelProto:
+    import onnxslim
+
+    spec = [f"{k}:{','.join(str(d) for d in v)}" for k, v in shapes.items()]
+    try:
+        folded = onnxslim.slim(
+            model,
+            input_shapes=spec or None,
+            skip_fusion_patterns=_KEEP_UNFUSED,
+            skip_optimizations=["weight_tying"],
+        )
+    except Exception as exc:  # onnxslim wraps onnx/onnxruntime errors of many types
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise GraphError(f"{name}: folding constant subgraphs failed: {first}") from exc
+    if folded is None:
+        raise GraphError(f"{name}: folding constant subgraphs produced no model")
+    return folded
+
+
+def prepare(
+    model: onnx.ModelProto,
+    input_shapes: dict[str, list[int]] | None = None,
+    *,
+    name: str | None = None,
+    fold: bool = True,
+) -> PreparedModel:
+    """Static shapes, constants folded, names unique (see module doc); ``model`` is not changed.
+
+    Parameters
+    ----------
+    model
+        The exporter's model.
+    input_shapes
+        Static sizes by input name; inputs not named keep their static dims, a symbolic
+        leading dim becomes 1.
+    name
+        The model's name in messages (default: the graph's name).
+    fold
+        Run onnxslim's folding; off, only shapes are bound and names made unique.
+    """
+    if not isinstance(model, onnx.ModelProto):
+        raise ModelError(f"expected an onnx.ModelProto, got {type(model).__name__}")
+    name = name or model.graph.name or "model"
+    shapes, notices = static_input_shapes(model, input_shapes, name)
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    before = len(work.graph.node)
+    constants_to_initializers(work)
+    if fold:
+        work = _fold(work, shapes, name)
+    else:
+        for value in graph_inputs(work):
+            dims = value.type.tensor_type.shape.dim
+            for d, size in zip(dims, shapes[value.name]):
+                d.Clear()
+                d.dim_value = size
+    constants_to_initializers(work)
+    unique_node_names(work)
+    for attr in ("ir_version", "producer_name", "producer_version", "domain", "doc_string"):
+        setattr(work, attr, getattr(model, attr))
+    work.graph.name = model.graph.name
+    del work.metadata_props[:]
+    work.metadata_props.extend(model.metadata_props)
+    del work.opset_import[:]
+    work.opset_import.extend(model.opset_import)
+    for note in notices:
+        log.warning("%s", note)
+    log.info("%s: prepared for TVM, %d -> %d nodes", name, before, len(work.graph.node))
+    return PreparedModel(work, name, shapes, notices, before)
