@@ -117,7 +117,9 @@ class _NamingImporter(onnx_frontend.ONNXGraphImporter):
         node_name = attrs["tvm_custom"]["name"]
         node = self.onnx_nodes.get(node_name)
         try:
-            out = super()._convert_operator(op_name, inputs, attrs, opset)
+            out = self._constant_pad(op_name, inputs, attrs, opset)
+            if out is None:
+                out = super()._convert_operator(op_name, inputs, attrs, opset)
             if node is None or op_name in ("If", "Loop", "Scan"):
                 return out
             counter = [0]
@@ -144,6 +146,18 @@ class _NamingImporter(onnx_frontend.ONNXGraphImporter):
                 f"{self.model_name}: node '{node_name}' ({op_name}): TVM's ONNX frontend "
                 f"failed: {_first_line(exc)}"
             ) from exc
+
+    def _constant_pad(self, op_name, inputs, attrs, opset):
+        """``Pad`` (constant mode) as ``relax.nn.pad``, not the frontend's fixed-shape
+        ``call_tir``: a kernel keeps its output shape, so channels could not shrink through it."""
+        mode = attrs.get("mode", b"constant")
+        mode = mode.decode() if isinstance(mode, bytes) else mode
+        if op_name != "Pad" or mode != "constant" or opset < 11:
+            return None
+        pad = onnx_frontend.Pad
+        before, after, value = pad._parse_pads_and_axes(inputs, [self._nodes, self._params])
+        width = [int(v) for pair in zip(before, after) for v in pair]
+        return relax.op.nn.pad(inputs[0], width, "constant", float(value))
 
 
 def _output_name(node_name: str, index: int) -> str:

@@ -359,9 +359,9 @@ def _follow_slice(g: _Graph, node, pruned_value, shapes_old, shapes_new, model: 
         return
     if not isinstance(pruned_value, relax.Call) or pruned_value.op.name != "relax.strided_slice":
         raise GraphError(f"{model}: node '{node.name}' (Slice): pruned form is not a slice")
-    axes_r = [int(a) for a in pruned_value.args[1].values]
-    begin_r = [int(b) for b in pruned_value.args[2].values]
-    end_r = [int(e) for e in pruned_value.args[3].values]
+    axes_r = [int(f.value) % len(old) for f in pruned_value.args[1].fields]
+    begin_r = [int(f.value) for f in pruned_value.args[2].fields]
+    end_r = [int(f.value) for f in pruned_value.args[3].fields]
     starts = _int_input(g, node, 1, model)
     ends = _int_input(g, node, 2, model)
     axes = _int_input(g, node, 3, model)

@@ -33,6 +33,7 @@ class _Edit:
     folds: list[Site] = field(default_factory=list)  # consumer sites receiving merges
     shape: tuple[int, int] | None = None  # (axis, new size) of a reshape target
     groups: int | None = None  # new groups of a depthwise conv
+    window: tuple[int, np.ndarray] | None = None  # (axis, kept positions) of a split / slice
     out_keep: np.ndarray | None = None  # kept output positions when the binding also produces
 
 
@@ -62,6 +63,7 @@ def _fold_consumer(
     w = np.moveaxis(weight.astype(np.float64), site.axis, 0).copy()
     out_axis = site.out_axis + 1 if site.out_axis < site.axis else site.out_axis
     taps = np.moveaxis(w, out_axis, 1).reshape(w.shape[0], w.shape[out_axis], -1).sum(axis=2)
+    taps = taps * site.tap_scale
     bias = np.zeros(taps.shape[1])
     for seg in site.layout.segments:
         gp = decided.get(analysis.root[seg.space])
@@ -105,12 +107,15 @@ def plan_edits(analysis: ChannelAnalysis, decided: dict) -> dict:
             if site.role == "shape":
                 edit.shape = (site.axis, int(keep.size))
                 continue
+            if site.role in ("split", "slice"):
+                edit.window = (site.axis, keep)
+                continue
             edit.slices.setdefault(site.arg, []).append((site.axis, keep))
             if site.role == "depthwise":
                 edit.groups = int(keep.size)
             if site.role == "producer":
                 edit.out_keep = keep
-        if edit.slices or edit.shape or edit.folds:
+        if edit.slices or edit.shape or edit.folds or edit.window is not None:
             edits[var] = edit
     return edits
 
@@ -138,6 +143,10 @@ def _new_call(call: relax.Call, args: list, edit: _Edit, analysis, decided):
         dims = list(args[1].values)
         dims[axis] = size
         return relax.op.reshape(args[0], relax.ShapeExpr(dims)), bias
+    if edit.window is not None and name == "relax.split":
+        return _split(call, args, edit.window[1]), bias
+    if edit.window is not None and name == "relax.strided_slice":
+        return _slice(call, args, *edit.window), bias
     if edit.groups is not None and name == "relax.nn.conv2d":
         a = call.attrs
         return relax.op.nn.conv2d(
@@ -153,6 +162,36 @@ def _new_call(call: relax.Call, args: list, edit: _Edit, analysis, decided):
             out_dtype=a.out_dtype,
         ), bias
     return relax.Call(call.op, args, call.attrs, call.ty_args), bias
+
+
+def _split(call: relax.Call, args: list, keep: np.ndarray) -> relax.Expr:
+    """The split with its boundaries moved to where the kept positions now end."""
+    spec = call.attrs.indices_or_sections
+    axis = int(call.attrs.axis)
+    size = [int(d) for d in call.args[0].ty.shape.values][axis]
+    if isinstance(spec, tvm.tirx.IntImm):
+        n = int(spec)
+        bounds = [size * k // n for k in range(1, n)]
+    else:
+        bounds = [int(i) for i in spec]
+    new = [int(np.count_nonzero(keep < b)) for b in bounds]
+    return relax.op.split(args[0], new, axis)
+
+
+def _slice(call: relax.Call, args: list, axis: int, keep: np.ndarray) -> relax.Expr:
+    """The slice with its begin/end on the channel ``axis`` counted in kept positions."""
+    data = call.args[0]
+    rank = len(data.ty.shape.values)
+    n = int(data.ty.shape.values[axis])
+    axes = [int(f.value) for f in call.args[1].fields]
+    begin = [int(f.value) for f in call.args[2].fields]
+    end = [int(f.value) for f in call.args[3].fields]
+    strides = [int(f.value) for f in call.args[4].fields] if len(call.args) > 4 else None
+    k = [a % rank for a in axes].index(axis)
+    b = min(max(begin[k] + n if begin[k] < 0 else begin[k], 0), n)
+    e = min(max(end[k] + n if end[k] < 0 else end[k], 0), n)
+    begin[k], end[k] = int(np.count_nonzero(keep < b)), int(np.count_nonzero(keep < e))
+    return relax.op.strided_slice(args[0], axes, begin, end, strides)
 
 
 @relax.expr_functor.mutator
@@ -180,7 +219,8 @@ class Rewriter(relax.PyExprMutator):
             out = bind_named(self.builder_, value, name + PRUNED_SUFFIX)
             dims = len(out.ty.shape.values)
             shape = [1] * dims
-            shape[1 if call.op.name == "relax.nn.conv2d" else dims - 1] = bias.size
+            conv = call.op.name in ("relax.nn.conv2d", "relax.nn.conv2d_transpose")
+            shape[1 if conv else dims - 1] = bias.size
             dtype = str(out.ty.dtype)
             value = relax.op.add(out, relax.const(bias.reshape(shape).astype(dtype)))
         new_var = bind_named(self.builder_, value, name, output=output)

@@ -9,10 +9,11 @@ and cannot legalize ops on symbolic shapes computed at run time. :func:`prepare`
 1. binds every input dim to a static size: the sizes given in ``input_shapes``, else a
    symbolic *leading* (batch) dim becomes 1 with a notice; any other symbolic dim is an
    error asking for ``--input-shape``;
-2. folds constant subgraphs, propagates shapes and removes dead nodes with onnxslim, keeping
-   ``BatchNormalization`` nodes un-fused (their running statistics drive data-free bias
-   compensation) and identical weights un-shared (each node keeps its own tensor, so a pruned
-   copy can differ);
+2. folds constant subgraphs, propagates shapes and removes dead and no-op nodes with
+   onnxslim, with its fusions off: ``BatchNormalization`` stays (its running statistics drive
+   data-free bias compensation), ``MatMul + Add`` stays (no ``Reshape -> Gemm -> Reshape``),
+   so the exported graph keeps the user's ops and node names; identical weights stay
+   un-shared (each node keeps its own tensor, so a pruned copy can differ);
 3. turns remaining ``Constant`` nodes into initializers and gives every node a unique,
    non-empty name (the Relax bindings and the exported graph are keyed by node name).
 
@@ -34,7 +35,12 @@ from ..errors import GraphError, ModelError, OptionError
 
 log = logging.getLogger(__name__)
 
-_KEEP_UNFUSED = ["FusionConvBN", "FusionConvTransposeBN"]
+
+def _fusions() -> list[str]:
+    """onnxslim's fusion patterns, all skipped: the graph keeps the user's ops and names."""
+    from onnxslim.core.pattern.registry import DEFAULT_FUSION_PATTERNS
+
+    return [k for k in DEFAULT_FUSION_PATTERNS if k.startswith("Fusion")]
 
 
 @dataclass
@@ -182,7 +188,7 @@ def _fold(model: onnx.ModelProto, shapes: dict[str, list[int]], name: str) -> on
         folded = onnxslim.slim(
             model,
             input_shapes=spec or None,
-            skip_fusion_patterns=_KEEP_UNFUSED,
+            skip_fusion_patterns=_fusions(),
             skip_optimizations=["weight_tying"],
         )
     except Exception as exc:  # onnxslim wraps onnx/onnxruntime errors of many types
