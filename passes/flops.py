@@ -28,7 +28,12 @@ def _dims(expr) -> list[int]:
 
 
 def module_cost(mod: tvm.IRModule, func_name: str = "main") -> Cost:
-    """FLOPs (2 per multiply-add) of conv2d/matmul ops and element count of all constants."""
+    """FLOPs (2 per multiply-add) of conv2d, conv2d_transpose and matmul ops, and the element
+    count of all constants.
+
+    conv2d: ``2 * |out| * (I/g) * kh * kw``; conv2d_transpose (IOHW weight):
+    ``2 * |in| * (O/g) * kh * kw``; matmul: ``2 * |out| * K``.
+    """
     func = mod[func_name]
     flops = 0.0
     weights = []
@@ -50,6 +55,12 @@ def module_cost(mod: tvm.IRModule, func_name: str = "main") -> Cost:
                 w = _dims(call.args[1])
                 out = _dims(b.var)
                 flops += 2.0 * np.prod(out) * np.prod(w[1:])
+                if isinstance(call.args[1], tvm.ir.GenericConst):
+                    weights.append(tuple(w))
+            elif name == "relax.nn.conv2d_transpose":  # every input pixel scatters a kernel
+                w = _dims(call.args[1])
+                x = _dims(call.args[0])
+                flops += 2.0 * np.prod(x) * np.prod(w[1:])
                 if isinstance(call.args[1], tvm.ir.GenericConst):
                     weights.append(tuple(w))
             elif name == "relax.matmul":

@@ -124,17 +124,35 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
         metavar="RAD",
         help="FS angle certified by a substitution (default 0.05)",
     )
+    _add_input_shape(p)
     p.add_argument("--plan", metavar="OUT.json", help="write the pruning plan as JSON")
     p.add_argument("--report", metavar="OUT.json", help="write the substitution report as JSON")
-    p.add_argument("--output", "-o", metavar="OUT.onnx", help="write the pruned model as ONNX")
+    p.add_argument(
+        "--output",
+        "-o",
+        metavar="OUT.onnx",
+        help="write the pruned model as ONNX: your graph with the pruned weights, shapes and "
+        "groups patched in, checked in onnxruntime against TVM before it is written",
+    )
     p.set_defaults(func=_cmd_prune)
+
+
+def _add_input_shape(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--input-shape",
+        action="append",
+        default=[],
+        metavar="NAME=D1,D2,...",
+        help="static size of a model input (repeatable); a symbolic leading (batch) dim "
+        "defaults to 1, other symbolic dims must be given",
+    )
 
 
 def _cmd_prune(args: argparse.Namespace) -> int:
     from .criteria import get as get_criterion
-    from .onnx_model import load_onnx, operator_names
-    from .passes.importer import import_onnx
+    from .onnx_model import load_onnx
     from .passes.onnx_export import export_onnx
+    from .passes.onnx_io import export_model, import_model
     from .passes.prune import prune_module
     from .passes.substitute import SpectralSubstitution
     from .passes.substitute import check_options as check_substitution
@@ -148,13 +166,15 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     kinds = tuple(k for k in args.substitute.split(",") if k)
     if kinds:
         check_substitution(args.sub_epsilon, kinds, 0.1, 1e-6)
+    shapes = {k: list(v) for k, v in (_parse_shape(s) for s in args.input_shape)}
     model = load_onnx(args.model)
     print(f"importing {args.model} into Relax ...", flush=True)
-    mod = import_onnx(model)
-    names = operator_names(model)
+    imported = import_model(model, shapes, name=args.model)
+    for note in imported.prepared.notices:
+        print(f"note: {note}")
     print("analyzing channel groups and choosing channels ...", flush=True)
     plan, pruned = prune_module(
-        mod,
+        imported.mod,
         criterion=args.criterion,
         sparsity=args.sparsity,
         flops_reduction=args.flops_reduction,
@@ -165,25 +185,28 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         protect=args.protect,
         seed=args.seed,
         model=args.model,
-        names=names,
     )
     print(plan.table())
-    if args.plan:
-        plan.save(args.plan)
-        print(f"wrote plan {args.plan}")
     if kinds:
-        substitute = SpectralSubstitution(args.sub_epsilon, kinds, names=names)
+        substitute = SpectralSubstitution(args.sub_epsilon, kinds)
         print("substituting operators ...", flush=True)
         pruned = substitute(pruned)
         print(substitute.report.table())
-        if args.report:
-            write_json(args.report, substitute.report.to_dict())
-            print(f"wrote substitution report {args.report}")
+    onnx_model = None
     if args.output:
-        outputs = [o.name for o in model.graph.output]
-        onnx_model = export_onnx(
-            pruned, model_name=model.graph.name or "model", output_names=outputs
-        )
+        print("writing back to ONNX and checking it in onnxruntime against TVM ...", flush=True)
+        if kinds:  # substitution changes the graph's structure: emit it from Relax
+            outputs = [o.name for o in model.graph.output]
+            onnx_model = export_onnx(pruned, model_name=imported.name, output_names=outputs)
+        else:
+            onnx_model = export_model(imported, pruned)
+    if args.plan:
+        plan.save(args.plan)
+        print(f"wrote plan {args.plan}")
+    if kinds and args.report:
+        write_json(args.report, substitute.report.to_dict())
+        print(f"wrote substitution report {args.report}")
+    if onnx_model is not None:
         write_atomic(args.output, onnx_model.SerializeToString())
         print(f"wrote pruned model {args.output}")
     return 0
@@ -394,6 +417,7 @@ def _add_compile(sub: argparse._SubParsersAction) -> None:
         help="size of a symbolic input dimension when tuning (repeatable; default 1 each: "
         "tuning needs static shapes, and the tuned library takes them)",
     )
+    _add_input_shape(p)
     p.add_argument("--output", "-o", metavar="OUT", help="library to write (.so or .tar)")
     p.set_defaults(func=_cmd_compile)
 
@@ -428,8 +452,8 @@ class _ProgressBar:
 
 
 def _cmd_compile(args: argparse.Namespace) -> int:
-    from .onnx_model import load_onnx, operator_names
-    from .passes.importer import import_onnx
+    from .onnx_model import load_onnx
+    from .passes.onnx_io import import_model
     from .passes.prune import prune_module
     from .targets import build
     from .targets import load as load_target
@@ -445,9 +469,13 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         raise OptionError("--bind sizes dimensions for tuning: it needs --trials > 0")
     if args.tracker and config.runner.kind != "rpc":
         raise OptionError(f"--tracker: target {config.name} measures locally (runner 'local')")
+    shapes = {k: list(v) for k, v in (_parse_shape(s) for s in args.input_shape)}
     model = load_onnx(args.model)
     print(f"importing {args.model} into Relax ...", flush=True)
-    mod = import_onnx(model)
+    imported = import_model(model, shapes, name=args.model, dim_sizes=bindings)
+    for note in imported.prepared.notices:
+        print(f"note: {note}")
+    mod = imported.mod
     if args.flops_reduction is not None or args.sparsity is not None:
         print(f"pruning for {config.name} (channels rounded to {config.round_to}) ...", flush=True)
         plan, mod = prune_module(
@@ -457,7 +485,6 @@ def _cmd_compile(args: argparse.Namespace) -> int:
             flops_reduction=args.flops_reduction,
             round_to=config.round_to,
             model=args.model,
-            names=operator_names(model),
         )
         print(plan.table())
     work_dir = args.work_dir or ("tune" if args.trials > 0 else None)
@@ -475,7 +502,6 @@ def _cmd_compile(args: argparse.Namespace) -> int:
             trials=args.trials,
             trials_per_task=args.trials_per_task,
             tracker=args.tracker,
-            shape_bindings=bindings,
             **extra,
         )
     finally:

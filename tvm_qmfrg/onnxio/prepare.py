@@ -80,10 +80,27 @@ def _dims(value: onnx.ValueInfoProto) -> list[int | str | None]:
 
 
 def static_input_shapes(
-    model: onnx.ModelProto, given: dict[str, list[int]] | None, name: str
+    model: onnx.ModelProto,
+    given: dict[str, list[int]] | None,
+    name: str,
+    dim_sizes: dict[str, int] | None = None,
 ) -> tuple[dict[str, list[int]], list[str]]:
-    """Static shapes for every graph input, and the notices of dims bound by default."""
+    """Static shapes for every graph input, and the notices of dims bound by default.
+
+    ``given`` sizes inputs by name; ``dim_sizes`` sizes symbolic dims by their name
+    (``batch=8``) wherever they occur.
+    """
     given = dict(given or {})
+    dim_sizes = dict(dim_sizes or {})
+    params = {d for i in graph_inputs(model) for d in _dims(i) if isinstance(d, str)}
+    for key, size in dim_sizes.items():
+        if key not in params:
+            raise OptionError(
+                f"{name}: --bind {key}: the model's inputs have no symbolic dim '{key}' "
+                f"(they have: {', '.join(sorted(params)) or 'none'})"
+            )
+        if int(size) < 1:
+            raise OptionError(f"{name}: --bind {key}={size}: sizes must be positive")
     inputs = graph_inputs(model)
     known = {i.name for i in inputs}
     for key, dims in given.items():
@@ -121,6 +138,8 @@ def static_input_shapes(
         for axis, d in enumerate(dims):
             if isinstance(d, int):
                 fixed.append(d)
+            elif d in dim_sizes:
+                fixed.append(int(dim_sizes[d]))
             elif axis == 0:
                 fixed.append(1)
                 notices.append(
@@ -204,6 +223,7 @@ def prepare(
     input_shapes: dict[str, list[int]] | None = None,
     *,
     name: str | None = None,
+    dim_sizes: dict[str, int] | None = None,
     fold: bool = True,
 ) -> PreparedModel:
     """Static shapes, constants folded, names unique (see module doc); ``model`` is not changed.
@@ -217,13 +237,15 @@ def prepare(
         leading dim becomes 1.
     name
         The model's name in messages (default: the graph's name).
+    dim_sizes
+        Sizes of symbolic dims by name (``{"batch": 8}``), wherever they occur.
     fold
         Run onnxslim's folding; off, only shapes are bound and names made unique.
     """
     if not isinstance(model, onnx.ModelProto):
         raise ModelError(f"expected an onnx.ModelProto, got {type(model).__name__}")
     name = name or model.graph.name or "model"
-    shapes, notices = static_input_shapes(model, input_shapes, name)
+    shapes, notices = static_input_shapes(model, input_shapes, name, dim_sizes)
     work = onnx.ModelProto()
     work.CopyFrom(model)
     before = len(work.graph.node)
