@@ -37,7 +37,7 @@ from tvm_qmfrg.plan import FrozenGroup, GroupPlan, PruningPlan
 from tvm_qmfrg.selection import AxisCost, FlopsModel, check_options, resolve, select
 
 from . import calibrate
-from .channels import ChannelAnalysis, Space, analyze_channels, producer_names
+from .channels import ChannelAnalysis, Producer, Space, analyze_channels, producer_names
 from .flops import module_cost
 from .normalize import normalize
 from .rewrite import Rewriter, plan_edits
@@ -106,10 +106,26 @@ def _build_groups(analysis: ChannelAnalysis, values: dict, names: dict) -> list[
             [_unit_spectra(p.weight.reshape(units, -1, p.kernel)) for p in sp.producers], axis=1
         )
         spec = -np.sort(-spectra, axis=1)
-        pnames = [names.get(p.var, p.var.name) for p in sp.producers]
+        pnames = [producer_name(p, names) for p in sp.producers]
         data = ChannelGroup(pnames[0], states, np.sqrt(sq), spec, sp.merge)
         groups.append(_Group(sp, pnames[0], pnames, data, _feature_means(sp)))
     return groups
+
+
+def producer_name(p: Producer, names: dict) -> str:
+    """A producer's name in plans: its node, with ``[a:b]`` for a part cut off by a split."""
+    base = names.get(p.var, p.var.name)
+    return f"{base}[{p.rows[0]}:{p.rows[1]}]" if p.rows else base
+
+
+def _coverage(analysis: ChannelAnalysis, active: list[_Group]) -> float:
+    """FLOPs of the conv/matmul ops that read or make channels of an active group."""
+    ids = {g.space.id for g in active}
+    total = 0.0
+    for op in analysis.ops:
+        if any(analysis.root[seg.space] in ids for lay in op.axes for seg in lay.segments):
+            total += op.flops
+    return total
 
 
 def _unit_spectra(mats: np.ndarray) -> np.ndarray:
@@ -219,16 +235,14 @@ def prune_module(
     compensate = criterion == "qmfrg" if compensate is None else compensate
     norm_mod, analysis, values, groups, names_by_var = _prepare(mod, model, names, params)
     frozen = [
-        FrozenGroup(
-            names_by_var.get(sp.producers[0].var, sp.producers[0].var.name), sp.size, sp.frozen[0]
-        )
+        FrozenGroup(producer_name(sp.producers[0], names_by_var), sp.size, sp.frozen[0])
         for sp in analysis.spaces
         if sp.frozen and sp.producers
     ]
     matched = {p: False for p in protect}
     active = []
     for g in groups:
-        hits = [p for p in protect if any(fnmatch.fnmatchcase(n, p) for n in g.producers)]
+        hits = [p for p in protect if any(n == p or fnmatch.fnmatchcase(n, p) for n in g.producers)]
         for p in hits:
             matched[p] = True
         if hits:
@@ -297,11 +311,31 @@ def prune_module(
         frozen=frozen,
         flops_before=before.flops,
         params_before=before.params,
+        op_flops=float(sum(op.flops for op in analysis.ops)),
+        prunable_flops=_coverage(analysis, active),
     )
     pruned = _rewrite(norm_mod, analysis, values, groups, plan, model)
     after = module_cost(pruned)
     plan.flops_after, plan.params_after = after.flops, after.params
+    if flops_reduction is not None and abs(plan.flops_reduction - flops_reduction) > 0.02:
+        log.warning("%s", _shortfall(plan, flops_reduction, round_to, min_channels))
     return plan, pruned
+
+
+def _shortfall(plan: PruningPlan, wanted: float, round_to: int, min_channels: int) -> str:
+    """Why the reached FLOPs reduction is not the requested one, in one line."""
+    why = []
+    if plan.coverage < 1.0:
+        why.append(f"only {plan.coverage:.0%} of the FLOPs are in prunable groups")
+    if round_to > 1:
+        why.append(f"kept channels are rounded to multiples of {round_to}")
+    if min_channels > 1:
+        why.append(f"every group keeps at least {min_channels} channels")
+    reason = "; ".join(why) or "the groups' unit sizes do not allow a closer cut"
+    return (
+        f"{plan.model}: FLOPs reduced by {plan.flops_reduction:.1%}, not the requested "
+        f"{wanted:.0%}: {reason}"
+    )
 
 
 def _refit_groups(norm_mod, analysis, values, active, plans, calibration, model) -> None:

@@ -58,7 +58,14 @@ class PruningPlan:
     flops_after: float = 0.0
     params_before: int = 0
     params_after: int = 0
+    op_flops: float = 0.0  # conv/matmul FLOPs the channel analysis saw
+    prunable_flops: float = 0.0  # of those, in ops that read or make prunable channels
     version: int = PLAN_VERSION
+
+    @property
+    def coverage(self) -> float:
+        """Share of conv/matmul FLOPs in ops whose channels the pass may prune."""
+        return self.prunable_flops / self.op_flops if self.op_flops else 0.0
 
     @property
     def flops_reduction(self) -> float:
@@ -97,6 +104,9 @@ class PruningPlan:
                 "params_after",
             )
         }
+        for k in ("op_flops", "prunable_flops"):
+            if k in data:
+                fields[k] = float(data[k])
         return cls(groups=groups, frozen=frozen, **fields)
 
     def save(self, path: str | os.PathLike) -> None:
@@ -134,9 +144,23 @@ class PruningPlan:
             f"FLOPs  {self.flops_before:,.0f} -> {self.flops_after:,.0f} "
             f"({self.flops_reduction:.1%} fewer)",
             f"params {self.params_before:,} -> {self.params_after:,} "
-            f"({1 - self.params_after / max(1, self.params_before):.1%} fewer)",
+            + (
+                f"({1 - self.params_after / self.params_before:.1%} fewer)"
+                if self.params_before
+                else "(n/a)"
+            ),
         ]
+        if self.op_flops:
+            lines.append(
+                f"prunable: {self.coverage:.1%} of conv/matmul FLOPs are in ops of the "
+                f"{len(self.groups)} prunable groups"
+            )
         if self.frozen:
-            lines += ["", f"frozen groups ({len(self.frozen)}):"]
-            lines += [f"  {f.name} ({f.channels} channels): {f.reason}" for f in self.frozen]
+            lines += ["", f"frozen groups ({len(self.frozen)}), by reason:"]
+            by_reason: dict[str, list[FrozenGroup]] = {}
+            for f in self.frozen:
+                by_reason.setdefault(f.reason.split(": ", 1)[-1], []).append(f)
+            for reason, items in sorted(by_reason.items(), key=lambda kv: -len(kv[1])):
+                lines.append(f"  {reason} ({len(items)}):")
+                lines += [f"    {f.name} ({f.channels} channels): {f.reason}" for f in items]
         return "\n".join(lines)

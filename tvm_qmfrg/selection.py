@@ -292,7 +292,49 @@ def _uniform_flops(groups, scorers, target, model: FlopsModel, mins, steps) -> l
                 changed = True
                 break
             keep[g] -= steps[g]
+    _swap_towards(groups, keep, target, model, mins, steps)
     return [_per_group(g, s, k, 1) for g, s, k in zip(groups, scorers, keep)]
+
+
+SWAP_SLACK = 0.005  # overshoot of the FLOPs target above which single-unit swaps are tried
+
+
+def _swap_towards(groups, keep, target, model: FlopsModel, mins, steps) -> None:
+    """Land closer to the target: while the reached reduction overshoots it by more than
+    ``SWAP_SLACK``, move one unit from the group where it saves more FLOPs to one where it
+    saves less (give one back in ``a``, take one in ``b``), keeping the target reached.
+
+    Small models with few, narrow groups move in large FLOPs steps; a swap halves the
+    overshoot where giving back alone cannot. In place on ``keep``."""
+    total = model.total
+
+    def reduction() -> float:
+        return 1.0 - model.flops(keep) / total
+
+    floor = [-(-max(m, 1) // st) * st for m, st in zip(mins, steps)]
+    current = reduction()
+    for _ in range(4 * len(groups)):
+        if current - target <= SWAP_SLACK:
+            return
+        best, move = current, None
+        for a, ga in enumerate(groups):
+            if keep[a] + steps[a] > ga.units:
+                continue
+            keep[a] += steps[a]
+            for b in range(len(groups)):
+                if b == a or keep[b] - steps[b] < floor[b]:
+                    continue
+                keep[b] -= steps[b]
+                r = reduction()
+                if target <= r < best - 1e-12:
+                    best, move = r, (a, b)
+                keep[b] += steps[b]
+            keep[a] -= steps[a]
+        if move is None:
+            return
+        keep[move[0]] += steps[move[0]]
+        keep[move[1]] -= steps[move[1]]
+        current = best
 
 
 def _greedy_flops(groups, scorers, target, model: FlopsModel, mins) -> list[Selection]:

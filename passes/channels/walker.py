@@ -106,6 +106,7 @@ class Space:
     merge: str = LINEAR
     acts: set[str] = field(default_factory=set)  # nonlinear ops the channels pass through
     frozen: list[str] = field(default_factory=list)
+    refined: bool = False  # cut into sub-spaces by a split; holds nothing any more
 
     @property
     def units(self) -> int:
@@ -171,9 +172,10 @@ def rule(*ops: str) -> Callable[[Rule], Rule]:
     """
 
     def register(fn: Rule) -> Rule:
+        taken = [op for op in ops if op in RULES]
+        if taken:
+            raise ValueError(f"channel rule for {', '.join(taken)} registered twice")
         for op in ops:
-            if op in RULES:
-                raise ValueError(f"channel rule for {op} registered twice")
             RULES[op] = fn
         return fn
 
@@ -291,6 +293,7 @@ class Walker:
                     if open_p is p:
                         del self.chain[var]
             sp.producers = []
+            sp.refined = True
             pieces[root] = new
         if not pieces:
             return True
@@ -351,7 +354,9 @@ class Walker:
             self.freeze(self.layout.get(v), "channels reach the function output")
             for lay in self.tuple_layouts.get(v, []):
                 self.freeze(lay, "channels reach the function output")
-        roots = sorted({self.find(i) for i in range(len(self.spaces))})
+        roots = sorted(
+            {self.find(i) for i in range(len(self.spaces)) if not self.spaces[i].refined}
+        )
         root = {i: self.find(i) for i in range(len(self.spaces))}
         return ChannelAnalysis(
             self.func, [self.spaces[r] for r in roots], self.sites, self.ops, root
@@ -498,10 +503,10 @@ def producer_names(func: relax.Function, names: Sequence[str] | None) -> dict:
             if (
                 isinstance(v, relax.Call)
                 and isinstance(v.op, tvm.ir.Op)
-                and v.op.name in ("relax.nn.conv2d", "relax.matmul")
+                and v.op.name in ("relax.nn.conv2d", "relax.nn.conv2d_transpose", "relax.matmul")
                 and isinstance(v.args[1], tvm.ir.GenericConst)
             ):
-                ops.append((b.var, "conv" if v.op.name == "relax.nn.conv2d" else "matmul"))
+                ops.append((b.var, "matmul" if v.op.name == "relax.matmul" else "conv"))
     nodes = [node_of(var.name) for var, _ in ops]
     if all(nodes) and len(set(nodes)) == len(nodes):
         return {var: node for (var, _), node in zip(ops, nodes)}
