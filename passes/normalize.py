@@ -101,11 +101,19 @@ def lower_clip_kernels(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
 
 
 def normalize(
-    mod: tvm.IRModule, params: dict[str, np.ndarray] | None = None, func_name: str = "main"
+    mod: tvm.IRModule,
+    params: dict[str, np.ndarray] | None = None,
+    func_name: str = "main",
+    *,
+    model: str = "model",
 ) -> tvm.IRModule:
-    """The normalized copy of ``mod`` (see module docstring); ``params`` bind weight inputs."""
+    """The normalized copy of ``mod`` (see module docstring); ``params`` bind weight inputs.
+
+    A failure inside TVM's passes (folding legalizes ops, which needs known shapes) is a
+    :class:`GraphError` naming ``model``.
+    """
     if func_name not in [gv.name_hint for gv in mod.get_global_vars()]:
-        raise GraphError(f"module has no function '{func_name}'")
+        raise GraphError(f"{model}: module has no function '{func_name}'")
     steps = []
     if params:
         steps.append(relax.transform.BindParams(func_name, dict(params)))
@@ -117,4 +125,12 @@ def normalize(
         relax.transform.CanonicalizeBindings(),
         relax.transform.DeadCodeElimination(),
     ]
-    return tvm.transform.Sequential(steps)(mod)
+    try:
+        return tvm.transform.Sequential(steps)(mod)
+    except Exception as exc:  # TVM raises TVMError, AssertionError, ValueError, ...
+        lines = [x.strip() for x in str(exc).strip().splitlines() if x.strip()]
+        first = lines[-1] if lines else type(exc).__name__
+        raise GraphError(
+            f"{model}: TVM cannot fold the imported module ({first[:200]}); if the model "
+            "computes shapes at run time, give static input sizes (--input-shape)"
+        ) from exc

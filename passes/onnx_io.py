@@ -70,7 +70,7 @@ def import_model(
     """
     prepared = prepare(model, input_shapes, name=name, dim_sizes=dim_sizes)
     mod = import_onnx(prepared.model, prepared.input_shapes)
-    return ImportedModel(prepared, normalize(mod))
+    return ImportedModel(prepared, normalize(mod, model=prepared.name))
 
 
 def host_runner(mod: tvm.IRModule, input_names: list[str]):

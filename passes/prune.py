@@ -107,6 +107,8 @@ def _build_groups(analysis: ChannelAnalysis, values: dict, names: dict) -> list[
         )
         spec = -np.sort(-spectra, axis=1)
         pnames = [producer_name(p, names) for p in sp.producers]
+        if len({p.var for p in sp.producers}) == 1:  # one op's parts (a grouped conv)
+            pnames = [names.get(sp.producers[0].var, sp.producers[0].var.name)] * len(pnames)
         data = ChannelGroup(pnames[0], states, np.sqrt(sq), spec, sp.merge)
         groups.append(_Group(sp, pnames[0], pnames, data, _feature_means(sp)))
     return groups
@@ -179,7 +181,7 @@ def _binding_values(func: relax.Function) -> dict:
 def _prepare(mod: tvm.IRModule, model: str, names: Sequence[str] | None, params=None):
     if not isinstance(mod, tvm.IRModule):
         raise OptionError(f"expected a tvm.IRModule, got {type(mod).__name__}")
-    norm_mod = normalize(mod, params)
+    norm_mod = normalize(mod, params, model=model)
     func = norm_mod["main"]
     inputs = func.attrs.get("num_input") if func.attrs is not None else None
     if inputs is not None and len(func.params) > int(inputs):

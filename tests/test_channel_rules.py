@@ -603,20 +603,35 @@ def test_pad_on_the_channel_axis_freezes_the_producer():
 # ---- 10. grouped conv -----------------------------------------------------------------
 
 
-def test_grouped_conv_freezes_the_channels_it_reads():
+def test_grouped_conv_prunes_channels_evenly_per_group_on_both_sides():
     g = Graph((1, 4, 8, 8))
     stem = g.relu("stem_act", g.conv("stem", "x", 4, 8))
     grouped = g.relu("gconv_act", g.conv("gconv", stem, 8, 8, k=3, group=2))
-    _, analysis = analyze(g.model(g.conv("head", grouped, 8, 3)))
+    model = g.model(g.conv("head", grouped, 8, 3))
+    imported, analysis = analyze(model)
 
-    stem_space = spaces_by_producer(analysis)["stem"]
-    assert len(stem_space.frozen) == 1
-    assert "grouped conv" in stem_space.frozen[0]
-    assert "groups=2" in stem_space.frozen[0]
-    assert "binding 'gconv" in stem_space.frozen[0]
-    assert "gconv" not in spaces_by_producer(analysis), "a grouped conv makes no space (yet)"
-    assert sites(analysis, "gconv", "consumer") == sites(analysis, "gconv", "depthwise") == []
-    assert analysis.prunable() == []
+    by_producer = spaces_by_producer(analysis)
+    # the stem's two halves (what the two groups read) are one space of 4 features
+    stem_space = by_producer["stem[0:4]"]
+    assert by_producer["stem[4:8]"] is stem_space
+    assert stem_space.size == 4 and not stem_space.frozen
+    # the grouped conv's outputs: channel i of both groups is one feature
+    gspace = by_producer["gconv[0:4]"]
+    assert by_producer["gconv[4:8]"] is gspace and gspace.size == 4
+    consumer = only_site(analysis, "gconv", "consumer")
+    assert (consumer.axis, consumer.layout.size) == (1, 4)
+
+    plan, pruned = prune_module(imported.mod, sparsity=0.5, model="tiny")
+    assert {gp.name: gp.kept_channels for gp in plan.groups} == {"stem": 2, "gconv": 2}
+    weight = next(
+        b.value.args[1].value.numpy().shape
+        for b in pruned["main"].body.blocks[0].bindings
+        if node_of(b.var.name) == "gconv" and b.value.op.name == "relax.nn.conv2d"
+    )
+    assert weight == (4, 2, 3, 3)  # 2 groups x 2 outputs, 2 inputs per group
+    exported = export_model(imported, pruned)
+    conv = next(n for n in exported.graph.node if n.name == "gconv")
+    assert next(a.i for a in conv.attribute if a.name == "group") == 2
 
 
 # ---- 11. ops without a rule -----------------------------------------------------------

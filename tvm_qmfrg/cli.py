@@ -31,6 +31,7 @@ def _add_analyze(sub: argparse._SubParsersAction) -> None:
         default=0.05,
         help="radius in radians for close channel pairs (default 0.05)",
     )
+    _add_input_shape(p)
     p.add_argument("--json", metavar="OUT", help="also write the report as JSON to OUT")
     p.set_defaults(func=_cmd_analyze)
 
@@ -51,10 +52,45 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     analysis = analyze_operators(ops, model=path, epsilon=args.epsilon)
     print(f"{path} ({name}): {len(ops)} linear operators")
     print(analysis_table(analysis))
+    shapes = {k: list(v) for k, v in (_parse_shape(s) for s in args.input_shape)}
+    coverage = _coverage(model, shapes, path)
+    report = analysis.to_dict()
+    report["pruning"] = coverage
     if args.json:
-        write_json(args.json, analysis.to_dict())
+        write_json(args.json, report)
         print(f"wrote {args.json}")
     return 0
+
+
+def _coverage(model, shapes: dict, path: str) -> dict:
+    """Print and return what the pruning pass could touch: prunable FLOPs, frozen groups."""
+    from .passes.onnx_io import import_model
+    from .passes.prune import prune_module
+
+    print("\npruning coverage (channel analysis of the model imported into TVM):")
+    try:
+        imported = import_model(model, shapes, name=path)
+        plan, _ = prune_module(imported.mod, sparsity=0.0, model=path)
+    except QMFRGError as exc:
+        print(f"  not available: {exc}")
+        return {"error": str(exc)}
+    print(
+        f"  {plan.coverage:.1%} of conv/matmul FLOPs are in ops of the {len(plan.groups)} "
+        f"prunable groups; {len(plan.frozen)} groups frozen"
+    )
+    reasons: dict[str, int] = {}
+    for f in plan.frozen:
+        key = f.reason.split(": ", 1)[-1]
+        reasons[key] = reasons.get(key, 0) + 1
+    for reason, n in sorted(reasons.items(), key=lambda kv: -kv[1]):
+        print(f"  frozen ({n}): {reason}")
+    return {
+        "coverage": plan.coverage,
+        "prunable_groups": len(plan.groups),
+        "frozen": [
+            {"name": f.name, "channels": f.channels, "reason": f.reason} for f in plan.frozen
+        ],
+    }
 
 
 def _add_prune(sub: argparse._SubParsersAction) -> None:
@@ -170,8 +206,6 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     model = load_onnx(args.model)
     print(f"importing {args.model} into Relax ...", flush=True)
     imported = import_model(model, shapes, name=args.model)
-    for note in imported.prepared.notices:
-        print(f"note: {note}")
     print("analyzing channel groups and choosing channels ...", flush=True)
     plan, pruned = prune_module(
         imported.mod,
@@ -473,8 +507,6 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     model = load_onnx(args.model)
     print(f"importing {args.model} into Relax ...", flush=True)
     imported = import_model(model, shapes, name=args.model, dim_sizes=bindings)
-    for note in imported.prepared.notices:
-        print(f"note: {note}")
     mod = imported.mod
     if args.flops_reduction is not None or args.sparsity is not None:
         print(f"pruning for {config.name} (channels rounded to {config.round_to}) ...", flush=True)

@@ -102,8 +102,44 @@ def conv2d(ctx: Walker, var: relax.Var, call: relax.Call, where: str) -> None:
             ctx.layout[var] = lay
             ctx.mark(lay, APPROXIMATE)  # each channel gets its own spatial filter
         return
-    ctx.freeze(lay, f"{where}: grouped conv (groups={groups}) is not handled yet")
-    ctx.ops.append(OpCost(var, "conv2d", flops, ()))
+    _grouped_conv2d(ctx, var, call, where, lay, w, groups, flops)
+
+
+def _tie_groups(ctx: Walker, var, groups: int, where: str) -> Layout | None:
+    """Cut the channels of ``var`` into ``groups`` equal parts and couple the parts position
+    by position (channel ``i`` of every part is one feature); the first part's layout."""
+    size = ctx.layout[var].size
+    part = size // groups
+    wins = _windows(ctx, var, [k * part for k in range(groups + 1)], where)
+    if wins is None:
+        return None
+    first = wins[0]
+    for other in wins[1:]:
+        if ctx.couple(first, other, where) is None:
+            return None
+    return first
+
+
+def _grouped_conv2d(ctx: Walker, var, call, where, lay, w, groups: int, flops: float) -> None:
+    """A grouped conv (``1 < groups``, not depthwise) prunes channels evenly per group.
+
+    Group ``k`` reads inputs ``[k*ci, (k+1)*ci)`` and makes outputs ``[k*co, (k+1)*co)``.
+    Removing input ``i`` from every group removes weight column ``i``; removing output ``i``
+    of every group removes one row per group: the weight stays ``(groups*co', ci', kh, kw)``
+    with the same ``groups``. So the parts of the input (and of the output) are coupled
+    position by position, and the consumer site reads the first part's layout.
+    """
+    data = call.args[0]
+    in_lay = None
+    if lay is not None:
+        part = _tie_groups(ctx, data, groups, where)
+        if part is not None:
+            ctx._consume(var, part, 1, 1, 0)
+            in_lay = ctx.layout[data]
+    ctx._produce(var, 1, 0, 1, w.shape[0], w, "conv2d")
+    _tie_groups(ctx, var, groups, where)
+    axes = tuple(x for x in (in_lay, ctx.layout[var]) if x is not None)
+    ctx.ops.append(OpCost(var, "conv2d", flops, axes))
 
 
 @rule("relax.matmul")
@@ -396,7 +432,7 @@ def _windows(ctx: Walker, arg, bounds: list[int], where: str) -> list[Layout] | 
     if isinstance(cuts, str):
         ctx.freeze(lay, f"{where}: {cuts}")
         return None
-    if not ctx.refine(cuts, where):
+    if ctx.refine(cuts, where) is None:
         return None
     lay = ctx.layout[arg]
     out = []

