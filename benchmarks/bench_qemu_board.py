@@ -45,7 +45,8 @@ from tvm_qmfrg.passes.importer import import_onnx
 from tvm_qmfrg.passes.prune import prune_module
 from tvm_qmfrg.targets import build, export, rpc
 from tvm_qmfrg.targets import load as load_target
-from tvm_qmfrg.targets.tune import compile_tuned, tune
+from tvm_qmfrg.targets.build import compile_tuned
+from tvm_qmfrg.targets.tune import tune
 
 from tvm_qmfrg.datasets import load_digits_splits
 from tvm_qmfrg.onnx_model import default_model_path

@@ -33,8 +33,9 @@ from tvm import relax
 from tvm_qmfrg import criteria as criteria_registry
 from tvm_qmfrg.criteria import EXACT_MERGES, ChannelGroup
 from tvm_qmfrg.errors import GraphError, OptionError
+from tvm_qmfrg.options import PruneOptions
 from tvm_qmfrg.plan import FrozenGroup, GroupPlan, PruningPlan
-from tvm_qmfrg.selection import AxisCost, FlopsModel, check_options, resolve, select
+from tvm_qmfrg.selection import AxisCost, FlopsModel, resolve, select
 
 from . import calibrate
 from .channels import ChannelAnalysis, Producer, Space, analyze_channels, producer_names
@@ -107,7 +108,7 @@ def _build_groups(analysis: ChannelAnalysis, values: dict, names: dict) -> list[
         )
         spec = -np.sort(-spectra, axis=1)
         pnames = [producer_name(p, names) for p in sp.producers]
-        if len({p.var for p in sp.producers}) == 1:  # one op's parts (a grouped conv)
+        if len(sp.producers) > 1 and len({p.var for p in sp.producers}) == 1:  # grouped conv
             pnames = [names.get(sp.producers[0].var, sp.producers[0].var.name)] * len(pnames)
         data = ChannelGroup(pnames[0], states, np.sqrt(sq), spec, sp.merge)
         groups.append(_Group(sp, pnames[0], pnames, data, _feature_means(sp)))
@@ -200,41 +201,47 @@ def _prepare(mod: tvm.IRModule, model: str, names: Sequence[str] | None, params=
 
 def prune_module(
     mod: tvm.IRModule,
+    options: PruneOptions | None = None,
     *,
-    criterion: str = "qmfrg",
-    sparsity: float | None = None,
-    flops_reduction: float | None = None,
-    epsilon: float | None = None,
-    min_channels: int = 1,
-    round_to: int = 1,
-    allocation: str = "uniform",
-    protect: Sequence[str] = (),
-    compensate: bool | None = None,
     calibration=None,
-    seed: int = 0,
     model: str = "model",
     names: Sequence[str] | None = None,
     params: dict | None = None,
+    **option_values,
 ) -> tuple[PruningPlan, tvm.IRModule]:
     """Decide what to prune in ``mod`` (its ``main``); return the plan and the pruned module.
 
-    Exactly one of ``sparsity`` (fraction of every group), ``flops_reduction`` (fraction of
-    conv/matmul FLOPs) or ``epsilon`` (lossless: exact merges within ``epsilon`` radians).
-    ``allocation`` spreads a FLOPs budget over the groups: ``uniform`` (the same fraction of
-    every group, the criterion picks which units) or ``global`` (one ranking of the
-    criterion's normalized costs across all groups). ``protect`` holds glob patterns of producer
-    names whose groups stay intact. ``compensate`` folds data-free bias compensation into
-    the consumers (default: on for ``qmfrg``). ``calibration`` (an input array, a list of
-    them, or a dict by input name; leading axis = samples) switches on data-aware mode: every
-    pruned group's consumers are refit by least squares on the activations they read.
-    ``names`` gives the conv/matmul producers their ONNX node names (in graph order).
-    ``params`` binds weights of a module imported with ``keep_params_in_input=True``.
+    Parameters
+    ----------
+    mod
+        The module; its ``main`` is normalized first (:func:`.normalize.normalize`).
+    options
+        A :class:`~tvm_qmfrg.options.PruneOptions`, or its fields as keyword arguments
+        (``prune_module(mod, flops_reduction=0.3)``): exactly one of ``sparsity`` (fraction of
+        every group), ``flops_reduction`` (fraction of conv/matmul FLOPs) or ``epsilon``
+        (lossless: exact merges within ``epsilon`` radians), the criterion, ``allocation``
+        (``uniform``: the same fraction of every group, the criterion picks which units;
+        ``global``: one ranking of the criterion's normalized costs), ``protect`` (glob
+        patterns of producer names whose groups stay intact), ``compensate`` (data-free bias
+        compensation, default on for ``qmfrg``), ``min_channels``, ``round_to``, ``seed``.
+    calibration
+        Input samples (an array, a list of them, or a dict by input name; leading axis =
+        samples): every pruned group's consumers are refit by least squares on the
+        activations they read.
+    model
+        The model's name in messages and in the plan.
+    names
+        Producer names in graph order, for modules not imported by
+        :mod:`tvm_qmfrg.passes.importer` (whose bindings carry ONNX node names).
+    params
+        Weights of a module imported with ``keep_params_in_input=True``.
     """
+    opts = _options(options, option_values)
+    criterion = opts.criterion
     factory = criteria_registry.get(criterion)
-    check_options(sparsity, flops_reduction, epsilon, min_channels, round_to)
-    if epsilon is not None and criterion != "qmfrg":
-        raise OptionError("epsilon (lossless merging) needs the qmfrg criterion")
-    compensate = criterion == "qmfrg" if compensate is None else compensate
+    sparsity, flops_reduction, epsilon = opts.sparsity, opts.flops_reduction, opts.epsilon
+    min_channels, round_to, allocation = opts.min_channels, opts.round_to, opts.allocation
+    protect, seed, compensate = opts.protect, opts.seed, opts.compensates
     norm_mod, analysis, values, groups, names_by_var = _prepare(mod, model, names, params)
     frozen = [
         FrozenGroup(producer_name(sp.producers[0], names_by_var), sp.size, sp.frozen[0])
@@ -297,18 +304,7 @@ def prune_module(
     plan = PruningPlan(
         model=model,
         criterion=criterion,
-        options={
-            "sparsity": sparsity,
-            "flops_reduction": flops_reduction,
-            "epsilon": epsilon,
-            "min_channels": min_channels,
-            "round_to": round_to,
-            "allocation": allocation,
-            "protect": list(protect),
-            "compensate": compensate,
-            "calibrated": calibration is not None,
-            "seed": seed,
-        },
+        options={**opts.to_dict(), "calibrated": calibration is not None},
         groups=plans,
         frozen=frozen,
         flops_before=before.flops,
@@ -338,6 +334,23 @@ def _shortfall(plan: PruningPlan, wanted: float, round_to: int, min_channels: in
         f"{plan.model}: FLOPs reduced by {plan.flops_reduction:.1%}, not the requested "
         f"{wanted:.0%}: {reason}"
     )
+
+
+def _options(options: PruneOptions | None, values: dict) -> PruneOptions:
+    """The one validated options object, from a PruneOptions or its fields as keywords."""
+    if options is not None and values:
+        raise OptionError(
+            f"give a PruneOptions or keyword options, not both ({', '.join(sorted(values))})"
+        )
+    if options is not None:
+        if not isinstance(options, PruneOptions):
+            raise OptionError(f"options must be a PruneOptions, got {type(options).__name__}")
+        return options
+    known = set(PruneOptions.__dataclass_fields__)
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise OptionError(f"unknown pruning option(s): {', '.join(unknown)}")
+    return PruneOptions(**values)
 
 
 def _refit_groups(norm_mod, analysis, values, active, plans, calibration, model) -> None:
@@ -438,55 +451,73 @@ def apply_plan(
 
 @tvm.transform.module_pass(opt_level=0, name="QMFRGPrune")
 class QMFRGPrune:
-    """Structured pruning as a module pass; the last plan is kept in ``self.plan``.
+    """Structured pruning as a module pass. Every call decides anew for the module it is
+    given; the decision is kept in ``self.last_plan`` (also ``self.plan``).
 
-    Parameters mirror :func:`plan_pruning`; ``plan`` applies a saved plan instead of
-    deciding anew.
+    Parameters
+    ----------
+    options
+        A :class:`~tvm_qmfrg.options.PruneOptions`, or its fields as keyword arguments
+        (validated here, before TVM's pass machinery runs).
+    calibration, names, model, params
+        As in :func:`prune_module`.
+    plan
+        Apply this saved plan instead of deciding (the pass :class:`ApplyPruningPlan`).
     """
 
     def __init__(
         self,
-        criterion: str = "qmfrg",
-        sparsity: float | None = None,
-        flops_reduction: float | None = None,
-        min_channels: int = 1,
-        round_to: int = 1,
-        epsilon: float | None = None,
-        allocation: str = "uniform",
-        protect: Sequence[str] = (),
+        options: PruneOptions | None = None,
+        *,
         calibration=None,
-        seed: int = 0,
-        compensate: bool | None = None,
         names: Sequence[str] | None = None,
         model: str = "model",
         plan: PruningPlan | None = None,
         params: dict | None = None,
+        **option_values,
     ):
-        criteria_registry.get(criterion)  # fail early, outside TVM's pass machinery
-        if plan is None:
-            check_options(sparsity, flops_reduction, epsilon, min_channels, round_to)
-        self.options = dict(
-            criterion=criterion,
-            sparsity=sparsity,
-            flops_reduction=flops_reduction,
-            epsilon=epsilon,
-            min_channels=min_channels,
-            round_to=round_to,
-            allocation=allocation,
-            protect=tuple(protect),
-            compensate=compensate,
-            calibration=calibration,
-            seed=seed,
-            model=model,
-            names=names,
-            params=params,
-        )
-        self.plan = plan
+        if plan is not None:
+            if not isinstance(plan, PruningPlan):
+                raise OptionError(f"plan must be a PruningPlan, got {type(plan).__name__}")
+            self.options = None
+        else:
+            self.options = _options(options, option_values)
+        self.calibration = calibration
+        self.names = names
+        self.model = model
+        self.params = params
+        self._replay = plan
+        self.last_plan: PruningPlan | None = plan
+
+    @property
+    def plan(self) -> PruningPlan | None:
+        """The plan of the last call (or the plan being replayed)."""
+        return self.last_plan
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        if self.plan is None:
-            self.plan, pruned = prune_module(mod, **self.options)
-            return pruned
-        return apply_plan(
-            mod, self.plan, names=self.options["names"], params=self.options["params"]
+        if self._replay is not None:
+            return apply_plan(mod, self._replay, names=self.names, params=self.params)
+        self.last_plan, pruned = prune_module(
+            mod,
+            self.options,
+            calibration=self.calibration,
+            model=self.model,
+            names=self.names,
+            params=self.params,
         )
+        return pruned
+
+
+@tvm.transform.module_pass(opt_level=0, name="ApplyPruningPlan")
+class ApplyPruningPlan:
+    """The pass that rewrites a module by a saved :class:`~tvm_qmfrg.plan.PruningPlan`."""
+
+    def __init__(self, plan: PruningPlan, *, names=None, params=None):
+        if not isinstance(plan, PruningPlan):
+            raise OptionError(f"plan must be a PruningPlan, got {type(plan).__name__}")
+        self.plan = plan
+        self.names = names
+        self.params = params
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        return apply_plan(mod, self.plan, names=self.names, params=self.params)

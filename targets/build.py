@@ -76,6 +76,33 @@ def untuned_pipeline(target):
         return relax.get_pipeline("default")
 
 
+def compile_tuned(
+    mod,
+    config: TargetConfig | str | os.PathLike,
+    work_dir,
+    *,
+    model="model",
+    prepared=False,
+    shape_bindings: Mapping[str, int] | None = None,
+):
+    """Apply ``work_dir``'s database to ``mod`` and compile it; returns the Relax Executable."""
+    import tvm
+
+    from .tune import apply_database
+
+    config = config if isinstance(config, TargetConfig) else load(config)
+    target = config.tvm_target()
+    try:
+        tuned = apply_database(
+            mod, config, work_dir, prepared=prepared, shape_bindings=shape_bindings, model=model
+        )
+        return tvm.compile(tuned, target=target, relax_pipeline=untuned_pipeline(target))
+    except QMFRGError:
+        raise
+    except Exception as exc:
+        raise GraphError(f"{model}: TVM failed to compile it for {config.name}: {exc}") from exc
+
+
 def compile_module(mod, config: TargetConfig | str | os.PathLike, *, model: str = "model"):
     """Compile ``mod`` for ``config`` with untuned schedules; returns the Relax Executable.
 
@@ -218,7 +245,7 @@ def build(
     if trials < 0:
         raise OptionError(f"trials must be >= 0, got {trials}")
     if trials > 0:
-        from .tune import compile_tuned, prepare, tune
+        from .tune import prepare, tune
 
         if work is None:
             raise OptionError(f"{model}: tuning needs a work_dir for its database")

@@ -20,7 +20,8 @@ model) with:
   database's best records.
 
 :func:`apply_database` then rewrites the module with the best schedules found
-(``relax.transform.MetaScheduleApplyDatabase``), and :func:`compile_tuned` compiles it.
+(``relax.transform.MetaScheduleApplyDatabase``), and
+:func:`~tvm_qmfrg.targets.build.compile_tuned` compiles it.
 Progress is logged at INFO per measured batch: task i/n, its name, trials done/budget and the
 best latency so far.
 """
@@ -490,30 +491,3 @@ def apply_database(
     legal = mod if prepared else prepare(mod, target, shape_bindings=shape_bindings, model=model)
     with target:
         return relax.transform.MetaScheduleApplyDatabase(str(work_dir))(legal)
-
-
-def compile_tuned(
-    mod,
-    config: TargetConfig | str | os.PathLike,
-    work_dir,
-    *,
-    model="model",
-    prepared=False,
-    shape_bindings: Mapping[str, int] | None = None,
-):
-    """Apply ``work_dir``'s database to ``mod`` and compile it; returns the Relax Executable."""
-    import tvm
-
-    from .build import untuned_pipeline
-
-    config = config if isinstance(config, TargetConfig) else load(config)
-    target = config.tvm_target()
-    try:
-        tuned = apply_database(
-            mod, config, work_dir, prepared=prepared, shape_bindings=shape_bindings, model=model
-        )
-        return tvm.compile(tuned, target=target, relax_pipeline=untuned_pipeline(target))
-    except QMFRGError:
-        raise
-    except Exception as exc:
-        raise GraphError(f"{model}: TVM failed to compile it for {config.name}: {exc}") from exc

@@ -1,0 +1,136 @@
+"""PruneOptions: every choice of the pruning pass, validated once.
+
+``prune_module(mod, PruneOptions(flops_reduction=0.3))``, ``QMFRGPrune(...)``, the plan's
+``options`` record and the CLI all go through this one dataclass: a bad value is an
+:class:`~tvm_qmfrg.errors.OptionError` naming the option, raised before any work starts.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+
+from . import criteria
+from .errors import OptionError
+from .selection import ALLOCATIONS
+
+
+def _real(name: str, value) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise OptionError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    if not math.isfinite(float(value)):
+        raise OptionError(f"{name}={value} is not finite")
+    return float(value)
+
+
+def _int(name: str, value, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise OptionError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+    if int(value) < low:
+        raise OptionError(f"{name}={value} must be >= {low}")
+    return int(value)
+
+
+@dataclass(frozen=True)
+class PruneOptions:
+    """What to prune and how (see :func:`tvm_qmfrg.passes.prune.prune_module`).
+
+    Parameters
+    ----------
+    criterion
+        A registered criterion (:data:`tvm_qmfrg.criteria.CRITERIA`): ``qmfrg`` (default),
+        ``spectral``, ``magnitude``, ``random``, ``fpgm``.
+    sparsity, flops_reduction, epsilon
+        Exactly one target: the fraction of every group's units, the fraction of conv/matmul
+        FLOPs (in ``[0, 1)``), or lossless merging within ``epsilon`` radians (``qmfrg``).
+    min_channels, round_to
+        Every group keeps at least ``min_channels`` and a multiple of ``round_to`` channels.
+    allocation
+        How a FLOPs budget spreads over groups: ``uniform`` or ``global``.
+    protect
+        Glob patterns (or exact names) of producer nodes whose groups stay intact.
+    compensate
+        Fold data-free bias compensation into consumers (default: the criterion's trait).
+    seed
+        Seed of the ``random`` criterion.
+    """
+
+    criterion: str = "qmfrg"
+    sparsity: float | None = None
+    flops_reduction: float | None = None
+    epsilon: float | None = None
+    min_channels: int = 1
+    round_to: int = 1
+    allocation: str = "uniform"
+    protect: tuple[str, ...] = field(default_factory=tuple)
+    compensate: bool | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.criterion, str):
+            raise OptionError(f"criterion must be a name, got {self.criterion!r}")
+        criteria.get(self.criterion)
+        targets = {
+            "sparsity": _real("sparsity", self.sparsity),
+            "flops_reduction": _real("flops_reduction", self.flops_reduction),
+            "epsilon": _real("epsilon", self.epsilon),
+        }
+        given = [k for k, v in targets.items() if v is not None]
+        if len(given) != 1:
+            raise OptionError(
+                "give exactly one of sparsity, flops_reduction, epsilon"
+                + (f" (got {', '.join(given)})" if given else "")
+            )
+        for key in ("sparsity", "flops_reduction"):
+            v = targets[key]
+            if v is not None and not 0 <= v < 1:
+                raise OptionError(f"{key}={v} is outside [0, 1)")
+        if targets["epsilon"] is not None:
+            if not 0 <= targets["epsilon"] <= math.pi / 2:
+                raise OptionError(f"epsilon={targets['epsilon']} is outside [0, pi/2]")
+            if self.criterion != "qmfrg":
+                raise OptionError("epsilon (lossless merging) needs the qmfrg criterion")
+        for key, v in targets.items():
+            object.__setattr__(self, key, v)
+        object.__setattr__(self, "min_channels", _int("min_channels", self.min_channels, 1))
+        object.__setattr__(self, "round_to", _int("round_to", self.round_to, 1))
+        object.__setattr__(self, "seed", _int("seed", self.seed, 0))
+        if self.allocation not in ALLOCATIONS:
+            raise OptionError(
+                f"allocation={self.allocation!r} is not one of {', '.join(ALLOCATIONS)}"
+            )
+        object.__setattr__(self, "protect", _patterns(self.protect))
+        if self.compensate is not None and not isinstance(self.compensate, bool):
+            raise OptionError(f"compensate must be True, False or None, got {self.compensate!r}")
+
+    @property
+    def compensates(self) -> bool:
+        """Whether bias compensation is folded in: ``compensate``, else the criterion's."""
+        if self.compensate is not None:
+            return self.compensate
+        return self.criterion == "qmfrg"
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["protect"] = list(self.protect)
+        out["compensate"] = self.compensates
+        return out
+
+
+def _patterns(protect) -> tuple[str, ...]:
+    if isinstance(protect, str):
+        raise OptionError(
+            f"protect must be a list of patterns, not the string {protect!r} "
+            f"(write protect=[{protect!r}])"
+        )
+    if not isinstance(protect, Iterable):
+        raise OptionError(f"protect must be a list of patterns, got {type(protect).__name__}")
+    out = tuple(protect)
+    bad = [p for p in out if not isinstance(p, str) or not p]
+    if bad:
+        raise OptionError(f"protect patterns must be non-empty strings, got {bad[0]!r}")
+    return out
