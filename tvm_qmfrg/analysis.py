@@ -15,7 +15,7 @@ import numpy as np
 
 from .errors import OptionError
 from .metrics import pairwise_fubini_study, pairwise_wasserstein2
-from .onnx_model import LinearOperator
+from .operators import LinearOperator
 from .spectral import effective_rank, pad_spectra, stable_rank
 
 

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from .metrics import best_scale, pairwise_fubini_study, wasserstein2
-from .onnx_model import LinearOperator
+from .operators import LinearOperator
 from .report import format_table
 from .spectral import pad_spectra
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .metrics import pairwise_fubini_study
-from .onnx_model import LinearOperator
+from .operators import LinearOperator
 
 MIN_CHANNELS = 8  # layers narrower than this say little about redundancy
 
