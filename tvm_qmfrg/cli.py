@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import shutil
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -192,7 +194,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     from .passes.prune import prune_module
     from .passes.substitute import SpectralSubstitution
     from .passes.substitute import check_options as check_substitution
-    from .report import write_atomic, write_json
+    from .report import check_writable, write_atomic, write_json
     from .selection import check_options
 
     get_criterion(args.criterion)
@@ -203,6 +205,9 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     if kinds:
         check_substitution(args.sub_epsilon, kinds, 0.1, 1e-6)
     shapes = {k: list(v) for k, v in (_parse_shape(s) for s in args.input_shape)}
+    for flag, path in (("-o", args.output), ("--plan", args.plan), ("--report", args.report)):
+        if path:
+            check_writable(path, flag)
     model = load_onnx(args.model)
     print(f"importing {args.model} into Relax ...", flush=True)
     imported = import_model(model, shapes, name=args.model)
@@ -489,6 +494,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     from .onnx_model import load_onnx
     from .passes.onnx_io import import_model
     from .passes.prune import prune_module
+    from .report import check_writable
     from .targets import build
     from .targets import load as load_target
 
@@ -504,6 +510,10 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     if args.tracker and config.runner.kind != "rpc":
         raise OptionError(f"--tracker: target {config.name} measures locally (runner 'local')")
     shapes = {k: list(v) for k, v in (_parse_shape(s) for s in args.input_shape)}
+    if args.output:
+        check_writable(args.output, "-o")
+    if args.work_dir:
+        _check_work_dir(args.work_dir)
     model = load_onnx(args.model)
     print(f"importing {args.model} into Relax ...", flush=True)
     imported = import_model(model, shapes, name=args.model, dim_sizes=bindings)
@@ -542,6 +552,15 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     state = "tuned" if artifact.tuned else "untuned"
     print(f"wrote {artifact.path} ({config.name}, {artifact.format}, {state})")
     return 0
+
+
+def _check_work_dir(path: str) -> None:
+    """``--work-dir`` must be (or become) a writable directory; checked before any work."""
+    from .report import check_writable
+
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise OptionError(f"--work-dir {path}: is a file, not a directory")
+    check_writable(os.path.join(path, "database_workload.json"), "--work-dir")
 
 
 def _parse_binding(text: str) -> tuple[str, int]:
@@ -657,6 +676,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         return args.func(args)
     except QMFRGError as exc:
@@ -665,6 +685,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"tvm-qmfrg {args.command}: interrupted", file=sys.stderr)
         return 130
+    except _Terminated:
+        print(f"tvm-qmfrg {args.command}: terminated", file=sys.stderr)
+        return 143
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class _Terminated(BaseException):
+    """SIGTERM as an exception, so that temp files are removed on the way out."""
+
+
+def _terminated(_signum, _frame) -> None:
+    raise _Terminated()
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from ..errors import GraphError, ModelError, OptionError
+from ..errors import GraphError, ModelError, OptionError, WeightError
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +180,49 @@ def constants_to_initializers(model: onnx.ModelProto) -> int:
     return moved
 
 
+_LINEAR = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
+
+
+def check_weights(model: onnx.ModelProto, name: str) -> None:
+    """Every float initializer finite; every Conv/ConvTranspose/Gemm/MatMul weight non-zero.
+
+    A :class:`WeightError` names the tensor and the node that reads it. An all-zero weight
+    is refused rather than pruned as dead: such a layer computes a constant, and the
+    exporter should have folded it; a pruned graph built on it would hide the problem.
+    """
+    readers: dict[str, onnx.NodeProto] = {}
+    for node in model.graph.node:
+        for inp in node.input:
+            readers.setdefault(inp, node)
+    weights = {
+        node.input[i]: node
+        for node in model.graph.node
+        for op, i in _LINEAR.items()
+        if node.op_type == op and len(node.input) > i
+    }
+    for tensor in model.graph.initializer:
+        if tensor.data_type not in (
+            onnx.TensorProto.FLOAT,
+            onnx.TensorProto.DOUBLE,
+            onnx.TensorProto.FLOAT16,
+        ):
+            continue
+        array = numpy_helper.to_array(tensor)
+        node = readers.get(tensor.name)
+        where = f"node '{node.name}' ({node.op_type})" if node is not None else "no node"
+        bad = int(np.count_nonzero(~np.isfinite(array)))
+        if bad:
+            raise WeightError(
+                f"{name}: tensor '{tensor.name}' read by {where} holds {bad} NaN/Inf value(s)"
+            )
+        if tensor.name in weights and array.size and not np.any(array):
+            node = weights[tensor.name]
+            raise WeightError(
+                f"{name}: weight '{tensor.name}' of node '{node.name}' ({node.op_type}) is all "
+                "zero: the layer computes a constant, nothing to prune"
+            )
+
+
 def unique_node_names(model: onnx.ModelProto) -> int:
     """Give unnamed and repeated nodes unique names (``OpType_index``), in place."""
     seen: set[str] = set()
@@ -314,6 +357,7 @@ def prepare(
         _check_folded(model, work, shapes, name)
     constants_to_initializers(work)
     unique_node_names(work)
+    check_weights(work, name)
     for attr in ("ir_version", "producer_name", "producer_version", "domain", "doc_string"):
         setattr(work, attr, getattr(model, attr))
     work.graph.name = model.graph.name
