@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -10,12 +11,14 @@ import numpy as np
 import onnx
 import pytest
 from onnx import helper, numpy_helper
+from tvm_qmfrg.passes.flops import module_cost
 from tvm_qmfrg.passes.onnx_io import import_model
-from tvm_qmfrg.passes.prune import QMFRGPrune, prune_module
+from tvm_qmfrg.passes.prune import QMFRGPrune, apply_plan, prune_module
 
 from tvm_qmfrg import synthetic
-from tvm_qmfrg.errors import OptionError, WeightError
+from tvm_qmfrg.errors import ModelError, OptionError, WeightError
 from tvm_qmfrg.options import PruneOptions
+from tvm_qmfrg.plan import PruningPlan
 from tvm_qmfrg.report import write_atomic
 
 
@@ -143,3 +146,61 @@ def test_temp_files_are_named_after_their_target_and_stale_ones_are_removed(tmp_
     other.write_bytes(b"x")
     write_atomic(tmp_path / "out.onnx", b"data")
     assert sorted(os.listdir(tmp_path)) == sorted([".other.onnx.tmp-1-abc", "out.onnx"])
+
+
+def _saved_plan(tmp_path):
+    plan, _ = prune_module(import_model(synthetic.vgg(seed=1)).mod, sparsity=0.5)
+    path = tmp_path / "plan.json"
+    plan.save(path)
+    return path, json.loads(path.read_text())
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda d: d["groups"][0].update(kept=[999]), "'kept' index 999 is outside"),
+        (lambda d: d["groups"][0].update(kept=[-1]), "'kept' index -1 is outside"),
+        (lambda d: d["groups"][0].update(kept=[0, 0]), "'kept' repeats a unit"),
+        (lambda d: d["groups"][0].update(kept=[]), "'kept' is empty"),
+        (lambda d: d["groups"][0].update(merges=[[1, 0, float("nan")]], kept=[0]), "scale"),
+        (lambda d: d["groups"][0].update(merges=[[1, 2, 0.5]], kept=[0]), "not kept"),
+        (lambda d: d["groups"][0].pop("kept"), "malformed pruning plan"),
+    ],
+    ids=[
+        "index-999",
+        "negative",
+        "duplicate",
+        "empty",
+        "nan-scale",
+        "merge-into-pruned",
+        "no-kept",
+    ],
+)
+def test_a_broken_plan_file_is_a_model_error_naming_the_group_and_field(tmp_path, mutate, message):
+    path, data = _saved_plan(tmp_path)
+    mutate(data)
+    path.write_text(json.dumps(data))
+    with pytest.raises(ModelError, match=message) as info:
+        PruningPlan.load(path)
+    assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("content", [b"[1, 2, 3]", b"\xff\xfe not utf-8", b"{not json"])
+def test_a_plan_file_that_is_not_a_plan_object_is_one_model_error(tmp_path, content):
+    path = tmp_path / "plan.json"
+    path.write_bytes(content)
+    with pytest.raises(ModelError, match=str(path)):
+        PruningPlan.load(path)
+
+
+def test_a_plan_saved_from_the_cli_replays_on_the_imported_model(tmp_path):
+    model = synthetic.resnet_cifar(seed=5)
+    onnx.save(model, tmp_path / "m.onnx")
+    proc = _cli(
+        "prune", str(tmp_path / "m.onnx"), "--sparsity", "0.5", "--plan", "plan.json", cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr
+    mod = import_model(model).mod
+    replayed = apply_plan(mod, PruningPlan.load(tmp_path / "plan.json"))
+    plan, pruned = prune_module(mod, sparsity=0.5)
+    assert module_cost(replayed).weights == module_cost(pruned).weights

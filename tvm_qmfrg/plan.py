@@ -11,6 +11,7 @@ the modules, not estimated.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
 
@@ -38,6 +39,46 @@ class GroupPlan:
     @property
     def kept_channels(self) -> int:
         return len(self.kept) * self.unit
+
+    def validate(self, where: str) -> None:
+        """Raise :class:`ModelError` naming ``where``, the group and the field unless the
+        decisions are consistent: kept units distinct, in range and not empty; every merge
+        from a pruned unit into a kept one with a finite scale; offsets and the refit on
+        pruned features."""
+        at = f"{where}: group '{self.name}'"
+        if self.channels < 1 or self.unit < 1 or self.channels % self.unit:
+            raise ModelError(f"{at}: 'channels' {self.channels} and 'unit' {self.unit} disagree")
+        units = self.units
+        if not self.kept:
+            raise ModelError(f"{at}: 'kept' is empty (a group keeps at least one unit)")
+        bad = [k for k in self.kept if not 0 <= k < units]
+        if bad:
+            raise ModelError(f"{at}: 'kept' index {bad[0]} is outside 0..{units - 1}")
+        if len(set(self.kept)) != len(self.kept):
+            raise ModelError(f"{at}: 'kept' repeats a unit")
+        kept = set(self.kept)
+        for j, i, c in self.merges:
+            if not 0 <= j < units or j in kept:
+                raise ModelError(f"{at}: 'merges' moves unit {j}, which is not a pruned unit")
+            if i not in kept:
+                raise ModelError(f"{at}: 'merges' folds unit {j} into {i}, which is not kept")
+            if not math.isfinite(c):
+                raise ModelError(f"{at}: 'merges' scale of unit {j} is {c}")
+        pruned_features = self.channels - self.kept_channels
+        for f, mu in self.offsets.items():
+            if not 0 <= f < self.channels or f // self.unit in kept:
+                raise ModelError(f"{at}: 'offsets' names feature {f}, which is not pruned")
+            if not math.isfinite(mu):
+                raise ModelError(f"{at}: 'offsets' of feature {f} is {mu}")
+        if self.refit is not None:
+            shape = (len(self.refit), len(self.refit[0]) if self.refit else 0)
+            if shape != (pruned_features, self.kept_channels) or not all(
+                math.isfinite(v) for row in self.refit for v in row
+            ):
+                raise ModelError(
+                    f"{at}: 'refit' must be {pruned_features} x {self.kept_channels} finite "
+                    f"numbers, got {shape[0]} x {shape[1]}"
+                )
 
 
 @dataclass
@@ -75,7 +116,9 @@ class PruningPlan:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> PruningPlan:
+    def from_dict(cls, data: dict, where: str = "plan") -> PruningPlan:
+        if not isinstance(data, dict):
+            raise ModelError(f"{where}: a pruning plan is a JSON object, not {type(data).__name__}")
         if data.get("version") != PLAN_VERSION:
             raise ModelError(f"plan version {data.get('version')} is not {PLAN_VERSION}")
         groups = [
@@ -91,6 +134,8 @@ class PruningPlan:
             )
             for g in data["groups"]
         ]
+        for g in groups:
+            g.validate(where)
         frozen = [FrozenGroup(**f) for f in data["frozen"]]
         fields = {
             k: data[k]
@@ -115,14 +160,18 @@ class PruningPlan:
     @classmethod
     def load(cls, path: str | os.PathLike) -> PruningPlan:
         try:
-            with open(path) as f:
+            with open(path, encoding="utf-8") as f:
                 data = json.load(f)
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ModelError(f"{path}: cannot read pruning plan ({exc})") from exc
         try:
-            return cls.from_dict(data)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ModelError(f"{path}: malformed pruning plan ({exc})") from exc
+            return cls.from_dict(data, where=str(path))
+        except ModelError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+            raise ModelError(
+                f"{path}: malformed pruning plan ({type(exc).__name__}: {exc})"
+            ) from exc
 
     def table(self) -> str:
         """Per-group channels before/after, then totals and frozen groups, as text."""
