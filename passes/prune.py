@@ -87,7 +87,11 @@ def _space_sites(analysis: ChannelAnalysis, space: Space, role: str):
                     yield var, site, seg
 
 
-def _build_groups(analysis: ChannelAnalysis, values: dict, names: dict) -> list[_Group]:
+def _build_groups(
+    analysis: ChannelAnalysis, values: dict, names: dict, spectra: bool = False
+) -> list[_Group]:
+    """The numpy view of every prunable space; per-unit filter spectra (one SVD per unit)
+    only when ``spectra`` (a criterion with the ``filter_spectra`` trait reads them)."""
     groups = []
     for sp in analysis.prunable():
         units = sp.units
@@ -103,10 +107,14 @@ def _build_groups(analysis: ChannelAnalysis, values: dict, names: dict) -> list[
             wt = np.moveaxis(values[var].args[site.arg].value.numpy(), site.axis, 0)
             per_position = np.square(wt.astype(np.float64)).reshape(wt.shape[0], -1).sum(axis=1)
             sq += per_position[seg.start : seg.stop].reshape(units, -1).sum(axis=1)
-        spectra = np.concatenate(
-            [_unit_spectra(p.weight.reshape(units, -1, p.kernel)) for p in sp.producers], axis=1
-        )
-        spec = -np.sort(-spectra, axis=1)
+        if spectra:
+            per_unit = np.concatenate(
+                [_unit_spectra(p.weight.reshape(units, -1, p.kernel)) for p in sp.producers],
+                axis=1,
+            )
+            spec = -np.sort(-per_unit, axis=1)
+        else:
+            spec = np.zeros((units, 0))
         pnames = [producer_name(p, names) for p in sp.producers]
         if len(sp.producers) > 1 and len({p.var for p in sp.producers}) == 1:  # grouped conv
             pnames = [names.get(sp.producers[0].var, sp.producers[0].var.name)] * len(pnames)
@@ -179,7 +187,9 @@ def _binding_values(func: relax.Function) -> dict:
     return {b.var: b.value for block in func.body.blocks for b in block.bindings}
 
 
-def _prepare(mod: tvm.IRModule, model: str, names: Sequence[str] | None, params=None):
+def _prepare(
+    mod: tvm.IRModule, model: str, names: Sequence[str] | None, params=None, spectra=False
+):
     if not isinstance(mod, tvm.IRModule):
         raise OptionError(f"expected a tvm.IRModule, got {type(mod).__name__}")
     norm_mod = normalize(mod, params, model=model)
@@ -195,7 +205,7 @@ def _prepare(mod: tvm.IRModule, model: str, names: Sequence[str] | None, params=
     analysis = analyze_channels(func, model)
     values = _binding_values(func)
     names_by_var = producer_names(func, names)
-    groups = _build_groups(analysis, values, names_by_var)
+    groups = _build_groups(analysis, values, names_by_var, spectra)
     return norm_mod, analysis, values, groups, names_by_var
 
 
@@ -242,7 +252,8 @@ def prune_module(
     sparsity, flops_reduction, epsilon = opts.sparsity, opts.flops_reduction, opts.epsilon
     min_channels, round_to, allocation = opts.min_channels, opts.round_to, opts.allocation
     protect, seed, compensate = opts.protect, opts.seed, opts.compensates
-    norm_mod, analysis, values, groups, names_by_var = _prepare(mod, model, names, params)
+    spectra = criteria_registry.traits(criterion).filter_spectra
+    norm_mod, analysis, values, groups, names_by_var = _prepare(mod, model, names, params, spectra)
     frozen = [
         FrozenGroup(producer_name(sp.producers[0], names_by_var), sp.size, sp.frozen[0])
         for sp in analysis.spaces

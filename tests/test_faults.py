@@ -111,7 +111,7 @@ def test_a_bad_input_shape_name_is_one_line():
         ({"sparsity": 0.5, "round_to": 0}, "round_to=0 must be >= 1"),
         ({"sparsity": 0.5, "flops_reduction": 0.3}, "exactly one of"),
         ({"sparsity": 0.5, "allocation": "greedy"}, "allocation='greedy'"),
-        ({"epsilon": 0.01, "criterion": "magnitude"}, "needs the qmfrg criterion"),
+        ({"epsilon": 0.01, "criterion": "magnitude"}, "needs a merging criterion"),
         ({"sparsity": 0.5, "criterion": "nope"}, "nope"),
     ],
 )

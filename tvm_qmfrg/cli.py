@@ -347,7 +347,7 @@ def _floats(text: str, flag: str) -> list[float]:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from .criteria import get as get_criterion
+    from .criteria import variant as criteria_variant
     from .eval_report import write_eval_report
     from .evaluation import evaluate_digits
     from .evaluation import summary_table as digits_table
@@ -359,7 +359,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     ffn = _floats(args.ffn_sparsity, "--ffn-sparsity")
     criteria = [c for c in args.criteria.split(",") if c]
     for c in criteria:
-        get_criterion(c.removesuffix("+cal"))
+        criteria_variant(c)
     if args.seeds < 1:
         raise OptionError(f"--seeds {args.seeds} must be >= 1")
     allocations = [a for a in args.allocations.split(",") if a]

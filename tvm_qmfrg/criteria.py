@@ -6,7 +6,8 @@ cost of removing ``j`` now and, for merging criteria, the kept unit it folds int
 ``a_j ~= scale * a_i``. Costs are comparable across groups: each is divided by the group's
 mean *removal* cost, so 1.0 means "an average unit of this layer".
 
-Registered criteria (choose by name; add one with :func:`register`):
+Registered criteria (choose by name; add one with the :func:`register` decorator, which
+records its traits):
 
 - ``qmfrg`` (default): merge-compensated. Unit ``j`` folds into the alive unit ``i`` with the
   smallest Fubini–Study angle ``theta_ij`` between their states ``[w; b]``, scale
@@ -130,6 +131,53 @@ class MergeScorer(Scorer):
         return removal * sin, i, exact * self.norms[j] / self.norms[i]
 
 
+Factory = Callable[[ChannelGroup, np.random.Generator], Scorer]
+
+
+@dataclass(frozen=True)
+class Criterion:
+    """A registered criterion and its traits.
+
+    ``merges``: folds removed units into kept ones (needed by the lossless ``epsilon``
+    mode). ``compensates``: data-free bias compensation is on by default with it.
+    ``seeded``: results depend on the seed (evaluations average several).
+    ``filter_spectra``: reads :attr:`ChannelGroup.filter_spectra` (a per-unit SVD each,
+    computed only for criteria that need it).
+    """
+
+    name: str
+    factory: Factory
+    merges: bool = False
+    compensates: bool = False
+    seeded: bool = False
+    filter_spectra: bool = False
+
+
+CRITERIA: dict[str, Criterion] = {}
+
+
+def register(
+    name: str,
+    *,
+    merges: bool = False,
+    compensates: bool = False,
+    seeded: bool = False,
+    filter_spectra: bool = False,
+) -> Callable[[Factory], Factory]:
+    """Register ``factory(group, rng) -> Scorer`` as criterion ``name`` (a decorator).
+
+    Registering a name twice is an error.
+    """
+
+    def add(factory: Factory) -> Factory:
+        if name in CRITERIA:
+            raise ValueError(f"criterion '{name}' is registered twice")
+        CRITERIA[name] = Criterion(name, factory, merges, compensates, seeded, filter_spectra)
+        return factory
+
+    return add
+
+
 def _neighbour_lists(graph, units: int) -> list[np.ndarray]:
     rows = np.concatenate([graph.rows, graph.cols])
     cols = np.concatenate([graph.cols, graph.rows])
@@ -138,15 +186,18 @@ def _neighbour_lists(graph, units: int) -> list[np.ndarray]:
     return [cols[order][splits[u] : splits[u + 1]] for u in range(units)]
 
 
+@register("magnitude")
 def _magnitude(group: ChannelGroup, rng: np.random.Generator) -> Scorer:
     costs = np.linalg.norm(group.states, axis=1)
     return Scorer(costs, float(np.mean(costs)))
 
 
+@register("random", seeded=True)
 def _random(group: ChannelGroup, rng: np.random.Generator) -> Scorer:
     return Scorer(rng.random(group.units), 0.5)
 
 
+@register("fpgm")
 def _fpgm(group: ChannelGroup, rng: np.random.Generator) -> Scorer:
     s = group.states
     sq = np.sum(s * s, axis=1)
@@ -155,6 +206,7 @@ def _fpgm(group: ChannelGroup, rng: np.random.Generator) -> Scorer:
     return Scorer(costs, float(np.mean(costs)))
 
 
+@register("spectral", filter_spectra=True)
 def _spectral(group: ChannelGroup, rng: np.random.Generator) -> Scorer:
     spectra = np.asarray(group.filter_spectra, dtype=np.float64)
     norms = np.linalg.norm(spectra, axis=1)  # ||s||_2 = ||filter||_F
@@ -172,25 +224,34 @@ def _spectral(group: ChannelGroup, rng: np.random.Generator) -> Scorer:
     return Scorer(costs, float(np.mean(costs)))
 
 
+@register("qmfrg", merges=True, compensates=True)
 def _qmfrg(group: ChannelGroup, rng: np.random.Generator) -> Scorer:
     return MergeScorer(group)
 
 
-CRITERIA: dict[str, Callable[[ChannelGroup, np.random.Generator], Scorer]] = {
-    "qmfrg": _qmfrg,
-    "spectral": _spectral,
-    "magnitude": _magnitude,
-    "random": _random,
-    "fpgm": _fpgm,
-}
+def get(name: str) -> Factory:
+    """The factory of criterion ``name``; :class:`OptionError` naming the choices if unknown."""
+    return traits(name).factory
 
 
-def register(name: str, factory: Callable[[ChannelGroup, np.random.Generator], Scorer]) -> None:
-    """Add a criterion: ``factory(group, rng) -> Scorer``."""
-    CRITERIA[name] = factory
+CALIBRATED = "+cal"  # suffix of an evaluation variant that runs with calibration data
 
 
-def get(name: str) -> Callable[[ChannelGroup, np.random.Generator], Scorer]:
+def variant(name: str) -> tuple[str, bool]:
+    """An evaluation variant ``NAME`` or ``NAME+cal``: ``(criterion, calibrated)``."""
+    base = name.removesuffix(CALIBRATED)
+    traits(base)
+    return base, name.endswith(CALIBRATED)
+
+
+def seeds_for(name: str, seeds: int) -> range:
+    """Seeds an evaluation runs variant ``name`` with: all ``seeds`` when its criterion is
+    seeded (``random``), else one."""
+    return range(seeds if traits(variant(name)[0]).seeded else 1)
+
+
+def traits(name: str) -> Criterion:
+    """The registered :class:`Criterion` ``name``."""
     if name not in CRITERIA:
         raise OptionError(f"unknown criterion '{name}' (choose from {', '.join(CRITERIA)})")
     return CRITERIA[name]

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from . import criteria as criteria_registry
 from .datasets import augmented_copy, load_digits_splits
 from .errors import OptionError
 from .report import format_table
@@ -133,8 +134,8 @@ def evaluate_digits(
     measure("dense", 0, 0.0, "-", None, dense_vm, dense_val, 0.0, _params(mod_batch))
     for target in reductions:
         for name in criteria:
-            base, calibrated = (name[:-4], True) if name.endswith("+cal") else (name, False)
-            for seed in range(seeds if base == "random" else 1):
+            base, calibrated = criteria_registry.variant(name)
+            for seed in criteria_registry.seeds_for(name, seeds):
                 tried = []
                 for allocation in allocations:
                     plan, _ = prune_module(

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from . import criteria as criteria_registry
 from . import minilm
 from .errors import OptionError
 from .report import format_table
@@ -153,8 +154,8 @@ def evaluate_minilm(
             else {"sparsity": target, "protect": [HEADS_GLOB]}
         )
         for name in criteria:
-            base, calibrated = (name[:-4], True) if name.endswith("+cal") else (name, False)
-            for seed in range(seeds if base == "random" else 1):
+            base, calibrated = criteria_registry.variant(name)
+            for seed in criteria_registry.seeds_for(name, seeds):
                 plan, pruned = prune_module(
                     mod_cal if calibrated else mod_all,
                     criterion=base,

@@ -92,8 +92,11 @@ class PruneOptions:
         if targets["epsilon"] is not None:
             if not 0 <= targets["epsilon"] <= math.pi / 2:
                 raise OptionError(f"epsilon={targets['epsilon']} is outside [0, pi/2]")
-            if self.criterion != "qmfrg":
-                raise OptionError("epsilon (lossless merging) needs the qmfrg criterion")
+            if not criteria.traits(self.criterion).merges:
+                merging = [c.name for c in criteria.CRITERIA.values() if c.merges]
+                raise OptionError(
+                    f"epsilon (lossless merging) needs a merging criterion ({', '.join(merging)})"
+                )
         for key, v in targets.items():
             object.__setattr__(self, key, v)
         object.__setattr__(self, "min_channels", _int("min_channels", self.min_channels, 1))
@@ -112,7 +115,7 @@ class PruneOptions:
         """Whether bias compensation is folded in: ``compensate``, else the criterion's."""
         if self.compensate is not None:
             return self.compensate
-        return self.criterion == "qmfrg"
+        return criteria.traits(self.criterion).compensates
 
     def to_dict(self) -> dict:
         out = asdict(self)
