@@ -46,6 +46,8 @@ from tvm_qmfrg.report import format_table
 from .channels import producer_names
 from .flops import module_cost
 from .normalize import normalize
+from .ops import dims as _dims
+from .ops import linear_ops
 
 log = logging.getLogger(__name__)
 
@@ -116,47 +118,32 @@ class _Op:
     flops: float
 
 
-def _dims(expr) -> list[int]:
-    return [int(v) if isinstance(v, tvm.tirx.IntImm) else 1 for v in expr.ty.shape.values]
-
-
 def _linear_ops(func: relax.Function, names: dict) -> list[_Op]:
     ops = []
-    for block in func.body.blocks:
-        for b in block.bindings:
-            v = b.value
-            if not (isinstance(v, relax.Call) and isinstance(v.op, tvm.ir.Op)):
+    for op in linear_ops(func, constant_weight=True):
+        v, w = op.call, op.weight
+        if op.kind == "conv2d":
+            if int(v.attrs.groups) != 1 or v.attrs.kernel_layout != "OIHW":
                 continue
-            if v.op.name not in ("relax.nn.conv2d", "relax.matmul"):
+            matrix, kind = w.reshape(w.shape[0], -1), "conv"
+        elif op.kind == "matmul":
+            if w.ndim != 2:
                 continue
-            if not isinstance(v.args[1], tvm.ir.GenericConst):
-                continue
-            w = v.args[1].value.numpy()
-            out = _dims(b.var)
-            if v.op.name == "relax.nn.conv2d":
-                if int(v.attrs.groups) != 1 or v.attrs.kernel_layout != "OIHW":
-                    continue
-                matrix = w.reshape(w.shape[0], -1)
-                flops = 2.0 * np.prod(out) * np.prod(w.shape[1:])
-                kind = "conv"
-            else:
-                if w.ndim != 2:
-                    continue
-                matrix = w.T
-                flops = 2.0 * np.prod(out) * w.shape[0]
-                kind = "matmul"
-            ops.append(
-                _Op(
-                    b.var,
-                    names.get(b.var, b.var.name),
-                    kind,
-                    v.args[0],
-                    w,
-                    matrix.astype(np.float64),
-                    v.attrs,
-                    float(flops),
-                )
+            matrix, kind = w.T, "matmul"
+        else:
+            continue
+        ops.append(
+            _Op(
+                op.var,
+                names.get(op.var, op.var.name),
+                kind,
+                v.args[0],
+                w,
+                matrix.astype(np.float64),
+                v.attrs,
+                op.flops,
             )
+        )
     return ops
 
 

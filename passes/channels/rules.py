@@ -17,6 +17,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
+from ..ops import LinearOp
 from .layout import Layout, reshape_layout
 from .walker import (
     APPROXIMATE,
@@ -28,7 +29,6 @@ from .walker import (
     Walker,
     _const,
     _shape,
-    _static_size,
     rule,
 )
 
@@ -78,12 +78,9 @@ def conv2d(ctx: Walker, var: relax.Var, call: relax.Call, where: str) -> None:
     if a.out_layout not in ("NCHW", ""):
         ctx.freeze(lay, f"{where}: out_layout {a.out_layout} is not handled")
         return
-    out_shape = _shape(var)
     in_ch = _shape(data)[1]
     groups = int(a.groups)
-    spatial = _static_size(out_shape[2:]) or 1
-    batch = out_shape[0] if isinstance(out_shape[0], int) else 1
-    flops = 2.0 * batch * spatial * w.size
+    flops = LinearOp(var, call, "conv2d").flops
     if lay is not None and lay.axis != 1:
         ctx.freeze(lay, f"{where}: channels are not on the conv's channel axis")
         lay = None
@@ -150,8 +147,7 @@ def matmul(ctx: Walker, var: relax.Var, call: relax.Call, where: str) -> None:
     out_shape = _shape(var)
     rank = len(out_shape)
     if w is not None and w.ndim == 2:
-        rows = _static_size([d for d in out_shape[:-1] if isinstance(d, int)]) or 1
-        flops = 2.0 * rows * w.size
+        flops = LinearOp(var, call, "matmul").flops
         if lx is not None and lx.axis != len(_shape(x)) - 1:
             ctx.freeze(lx, f"{where}: channels are not on the contracted axis")
             lx = None
@@ -170,12 +166,7 @@ def matmul(ctx: Walker, var: relax.Var, call: relax.Call, where: str) -> None:
         return
     # activation x activation (attention): channels may only sit on batch axes
     lw = ctx.layout.get(w_expr)
-    k = _shape(x)[-1]
-    flops = (
-        2.0
-        * (_static_size([d if isinstance(d, int) else 1 for d in out_shape]) or 0)
-        * (k if isinstance(k, int) else 1)
-    )
+    flops = LinearOp(var, call, "matmul").flops
     out = None
     for lay, operand_rank in ((lx, len(_shape(x))), (lw, len(_shape(w_expr)))):
         if lay is None:
@@ -558,9 +549,7 @@ def conv2d_transpose(ctx: Walker, var: relax.Var, call: relax.Call, where: str) 
     if w is None or a.data_layout != "NCHW" or a.kernel_layout != "IOHW":
         ctx.freeze(lay, f"{where}: only NCHW/IOHW conv2d_transpose with a constant weight")
         return
-    in_shape = _shape(data)
-    batch = in_shape[0] if isinstance(in_shape[0], int) else 1
-    flops = 2.0 * batch * (_static_size(in_shape[2:]) or 1) * w.size
+    flops = LinearOp(var, call, "conv2d_transpose").flops
     if int(a.groups) != 1:
         ctx.freeze(lay, f"{where}: grouped conv2d_transpose (groups={int(a.groups)})")
         ctx.ops.append(OpCost(var, "conv2d_transpose", flops, ()))

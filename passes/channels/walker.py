@@ -38,6 +38,7 @@ import tvm
 from tvm import relax
 
 from ..importer import node_of
+from ..ops import linear_ops
 from .layout import Layout, Segment
 
 log = logging.getLogger(__name__)
@@ -522,17 +523,10 @@ def producer_names(func: relax.Function, names: Sequence[str] | None) -> dict:
     The ONNX node a binding came from when the module was imported by :mod:`.importer`
     (bindings are named after nodes); else ``names`` in graph order if given; else ``op_k``.
     """
-    ops = []
-    for block in func.body.blocks:
-        for b in block.bindings:
-            v = b.value
-            if (
-                isinstance(v, relax.Call)
-                and isinstance(v.op, tvm.ir.Op)
-                and v.op.name in ("relax.nn.conv2d", "relax.nn.conv2d_transpose", "relax.matmul")
-                and isinstance(v.args[1], tvm.ir.GenericConst)
-            ):
-                ops.append((b.var, "matmul" if v.op.name == "relax.matmul" else "conv"))
+    ops = [
+        (op.var, "matmul" if op.kind == "matmul" else "conv")
+        for op in linear_ops(func, constant_weight=True)
+    ]
     nodes = [node_of(var.name) for var, _ in ops]
     if all(nodes) and len(set(nodes)) == len(nodes):
         return {var: node for (var, _), node in zip(ops, nodes)}
