@@ -16,13 +16,12 @@ import numpy as np
 import tvm
 from tvm import relax
 
+from tvm_qmfrg.compensation import least_squares_refit
 from tvm_qmfrg.errors import OptionError
 
 from .channels import Layout
 
 log = logging.getLogger(__name__)
-
-RIDGE = 1e-6  # relative to the mean kept-feature energy; keeps singular Grams solvable
 
 
 @relax.expr_functor.mutator
@@ -117,12 +116,5 @@ def feature_samples(act: np.ndarray, layout: Layout, seg) -> np.ndarray | None:
 def refit(
     samples: np.ndarray, kept: np.ndarray, pruned: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Ridge least squares ``a_P ~= R a_K + mu``: returns ``R`` (pruned x kept) and ``mu``."""
-    ak, ap = samples[:, kept], samples[:, pruned]
-    mean_k, mean_p = ak.mean(axis=0), ap.mean(axis=0)
-    xk, xp = ak - mean_k, ap - mean_p
-    gram = xk.T @ xk
-    lam = RIDGE * max(float(np.trace(gram)) / max(1, kept.size), 1e-12)
-    r = np.linalg.solve(gram + lam * np.eye(kept.size), xk.T @ xp)  # (kept, pruned)
-    mu = mean_p - mean_k @ r
-    return r.T, mu
+    """Ridge least squares ``a_P ~= R a_K + mu`` (:func:`least_squares_refit`)."""
+    return least_squares_refit(samples, kept, pruned)

@@ -27,10 +27,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import tvm
-from scipy.stats import norm
 from tvm import relax
 
 from tvm_qmfrg import criteria as criteria_registry
+from tvm_qmfrg.compensation import pruned_offsets, relu_mean, unit_spectra
 from tvm_qmfrg.criteria import EXACT_MERGES, ChannelGroup
 from tvm_qmfrg.errors import GraphError, OptionError
 from tvm_qmfrg.options import PruneOptions
@@ -109,7 +109,7 @@ def _build_groups(
             sq += per_position[seg.start : seg.stop].reshape(units, -1).sum(axis=1)
         if spectra:
             per_unit = np.concatenate(
-                [_unit_spectra(p.weight.reshape(units, -1, p.kernel)) for p in sp.producers],
+                [unit_spectra(p.weight.reshape(units, -1, p.kernel)) for p in sp.producers],
                 axis=1,
             )
             spec = -np.sort(-per_unit, axis=1)
@@ -139,13 +139,6 @@ def _coverage(analysis: ChannelAnalysis, active: list[_Group]) -> float:
     return total
 
 
-def _unit_spectra(mats: np.ndarray) -> np.ndarray:
-    """Singular values of a batch of matrices (a one-row or one-column matrix: its norm)."""
-    if 1 in mats.shape[1:]:
-        return np.linalg.norm(mats.reshape(mats.shape[0], -1), axis=1, keepdims=True)
-    return np.linalg.svd(mats, compute_uv=False)
-
-
 def _feature_means(sp: Space) -> np.ndarray | None:
     """``E[a_f]`` at the consumers, data-free, from a BatchNorm's statistics (or None).
 
@@ -158,10 +151,9 @@ def _feature_means(sp: Space) -> np.ndarray | None:
     p = sp.producers[0]
     if p.bn_mean is None:
         return None
-    m, s = p.bn_mean, np.maximum(p.bn_std, 1e-12)
     if "relax.nn.relu" in sp.acts:
-        return m * norm.cdf(m / s) + s * norm.pdf(m / s)
-    return m.copy()
+        return relu_mean(p.bn_mean, p.bn_std)
+    return p.bn_mean.copy()
 
 
 def _flops_model(analysis: ChannelAnalysis, groups: list[_Group]) -> FlopsModel:
@@ -404,19 +396,9 @@ def plan_pruning(mod: tvm.IRModule, **options) -> PruningPlan:
 
 
 def _offsets(g: _Group, sel, merges) -> dict[int, float]:
-    """Per pruned feature ``E[a_f] - c E[a_partner]`` (``c = 0`` when removed)."""
-    w = g.space.unit
-    means = g.feature_means
+    """Per pruned feature ``E[a_f] - c E[a_partner]`` (:func:`pruned_offsets`)."""
     target = {j: (i, c) for j, i, c in merges}
-    out = {}
-    for j in sel.order:
-        i, c = target.get(j, (-1, 0.0))
-        for t in range(w):
-            f = j * w + t
-            mu = means[f] - (c * means[i * w + t] if i >= 0 else 0.0)
-            if mu != 0.0:
-                out[f] = float(mu)
-    return out
+    return pruned_offsets(g.feature_means, g.space.unit, sel.order, target)
 
 
 def _match_plan(groups: list[_Group], plan: PruningPlan, model: str) -> dict:

@@ -12,6 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CORE = [
     "analysis",
     "compare",
+    "compensation",
     "criteria",
     "errors",
     "graph",
