@@ -8,9 +8,11 @@ itself (its cost can only grow then), so the greedy order is exact at every step
 - ``flops_reduction``: the model's conv/matmul FLOPs drop by the requested fraction, with
   one of two allocations across groups. ``uniform`` (default): the smallest common fraction
   of every group that reaches the target, then units given back (most-pruned group first)
-  while the target still holds; the criterion only decides *which* units go, so criteria
-  are compared at equal layer widths. ``global``: one ranking across all groups (costs on
-  one normalized scale), removing the cheapest unit anywhere; allocation falls out of the
+  while the target still holds, and, when that still overshoots by more than half a point
+  (small models of few narrow groups), single units swapped between groups, never more
+  than one unit beyond the common fraction; the criterion only decides *which* units go,
+  so criteria are compared at equal layer widths. ``global``: one ranking across all groups
+  (costs on one normalized scale), removing the cheapest unit anywhere; allocation falls out of the
   criterion. On the shipped digits ResNet ``global`` over-prunes some layers for most
   criteria (``tvm-qmfrg eval`` chooses between the two on the validation split).
 - ``epsilon`` (lossless): merges only, of units within ``epsilon`` radians of an alive
@@ -278,8 +280,22 @@ def _uniform_flops(groups, scorers, target, model: FlopsModel, mins, steps) -> l
             lo = mid
     fraction = lo if reduction(lo) >= target else hi
     keep = _uniform_keep(groups, fraction, mins, steps)
+    # no group loses more than one unit beyond the common fraction
+    floor = [max(k - st, m) for k, st, m in zip(keep, steps, mins)]
     # the fraction moves in whole units per group: give back units, most-pruned group
-    # first, while the target still holds, so the result lands on it rather than past it
+    # first, while the target still holds, so the result lands on it rather than past it;
+    # then swap units between groups (at most one unit beyond the common fraction) to land
+    # closer still
+    for _ in range(8 * len(groups) + 1):  # the reduction falls with every step: it ends
+        _give_back(groups, keep, target, model, steps)
+        if not _swap_towards(groups, keep, target, model, floor, steps):
+            break
+    return [_per_group(g, s, k, 1) for g, s, k in zip(groups, scorers, keep)]
+
+
+def _give_back(groups, keep, target, model: FlopsModel, steps) -> None:
+    """Give units back, most-pruned group first, while the target still holds (in place)."""
+    total = model.total
     changed = True
     while changed:
         changed = False
@@ -292,49 +308,46 @@ def _uniform_flops(groups, scorers, target, model: FlopsModel, mins, steps) -> l
                 changed = True
                 break
             keep[g] -= steps[g]
-    _swap_towards(groups, keep, target, model, mins, steps)
-    return [_per_group(g, s, k, 1) for g, s, k in zip(groups, scorers, keep)]
 
 
 SWAP_SLACK = 0.005  # overshoot of the FLOPs target above which single-unit swaps are tried
 
 
-def _swap_towards(groups, keep, target, model: FlopsModel, mins, steps) -> None:
-    """Land closer to the target: while the reached reduction overshoots it by more than
-    ``SWAP_SLACK``, move one unit from the group where it saves more FLOPs to one where it
-    saves less (give one back in ``a``, take one in ``b``), keeping the target reached.
+def _swap_towards(groups, keep, target, model: FlopsModel, floor, steps) -> bool:
+    """One swap towards the target, if the reached reduction overshoots it by more than
+    ``SWAP_SLACK``: give one unit back in group ``a`` and take one in group ``b`` (never
+    below ``floor[b]``, one unit under the common fraction's width), the pair that lands
+    closest while the target still holds. In place on ``keep``; whether a swap was made.
 
-    Small models with few, narrow groups move in large FLOPs steps; a swap halves the
-    overshoot where giving back alone cannot. In place on ``keep``."""
+    Small models with few, narrow groups move in large FLOPs steps; a swap lands closer
+    where giving back alone cannot."""
     total = model.total
 
     def reduction() -> float:
         return 1.0 - model.flops(keep) / total
 
-    floor = [-(-max(m, 1) // st) * st for m, st in zip(mins, steps)]
     current = reduction()
-    for _ in range(4 * len(groups)):
-        if current - target <= SWAP_SLACK:
-            return
-        best, move = current, None
-        for a, ga in enumerate(groups):
-            if keep[a] + steps[a] > ga.units:
+    if current - target <= SWAP_SLACK:
+        return False
+    best, move = current, None
+    for a, ga in enumerate(groups):
+        if keep[a] + steps[a] > ga.units:
+            continue
+        keep[a] += steps[a]
+        for b in range(len(groups)):
+            if b == a or keep[b] - steps[b] < floor[b]:
                 continue
-            keep[a] += steps[a]
-            for b in range(len(groups)):
-                if b == a or keep[b] - steps[b] < floor[b]:
-                    continue
-                keep[b] -= steps[b]
-                r = reduction()
-                if target <= r < best - 1e-12:
-                    best, move = r, (a, b)
-                keep[b] += steps[b]
-            keep[a] -= steps[a]
-        if move is None:
-            return
-        keep[move[0]] += steps[move[0]]
-        keep[move[1]] -= steps[move[1]]
-        current = best
+            keep[b] -= steps[b]
+            r = reduction()
+            if target <= r < best - 1e-12:
+                best, move = r, (a, b)
+            keep[b] += steps[b]
+        keep[a] -= steps[a]
+    if move is None:
+        return False
+    keep[move[0]] += steps[move[0]]
+    keep[move[1]] -= steps[move[1]]
+    return True
 
 
 def _greedy_flops(groups, scorers, target, model: FlopsModel, mins) -> list[Selection]:
