@@ -15,15 +15,27 @@ for _cls in (
     _errors.WeightError,
     _errors.OptionError,
     _errors.GraphError,
+    _errors.BuildError,
+    _errors.DeviceError,
 ):
     tvm_ffi.register_error(_cls.__name__, _cls)
 
 from .onnx_export import export_onnx  # noqa: E402
-from .prune import QMFRGPrune, apply_plan, plan_pruning, prune_module  # noqa: E402
+from .onnx_io import export_model, import_model  # noqa: E402
+from .prune import (  # noqa: E402
+    ApplyPruningPlan,
+    QMFRGPrune,
+    apply_plan,
+    plan_pruning,
+    prune_module,
+)
 from .substitute import SpectralSubstitution, substitute_module  # noqa: E402
 
 __all__ = [
+    "ApplyPruningPlan",
     "QMFRGPrune",
+    "export_model",
+    "import_model",
     "SpectralSubstitution",
     "apply_plan",
     "export_onnx",

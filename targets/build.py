@@ -1,9 +1,18 @@
 """Compile a Relax module for a deployment target and export it as a library, untuned.
 
 :func:`build` applies the best schedules TVM gives without tuning, compiles with
-:func:`tvm.compile` and exports ``.so`` (linked with the config's cross compiler) or ``.tar``
-(objects only, no toolchain needed), written atomically. MetaSchedule tuning comes later and
-will reuse :func:`compile_module`'s pipeline choice.
+:func:`tvm.compile` and exports ``.so`` (linked with the config's cross compiler and its
+options) or ``.tar`` (objects only, no toolchain needed), written atomically. With
+``trials > 0`` it tunes first (:mod:`.tune`) and compiles with the tuned schedules.
+
+Next to the artifact goes its input signature, ``<artifact>.json`` (``model.so.json``):
+names, shapes and dtypes of ``main``'s parameters, and the artifact's sha256, so that
+``tvm-qmfrg bench`` needs no ``--input-shape`` (:func:`read_signature`). It is written
+atomically after the artifact; a stale one is removed first, so a crash in between leaves an
+artifact without a signature, never one with another build's.
+
+TVM failures raise :class:`~tvm_qmfrg.errors.BuildError`, failed links
+:class:`~tvm_qmfrg.errors.ToolchainError` (one line each, via :func:`.translate.translate_errors`).
 
 Untuned schedules per target kind (``relax.get_default_pipeline(target)``):
 
@@ -22,6 +31,8 @@ Untuned schedules per target kind (``relax.get_default_pipeline(target)``):
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import shlex
@@ -32,9 +43,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tvm_qmfrg.errors import GraphError, ModelError, OptionError, QMFRGError, ToolchainError
+from tvm_qmfrg.errors import BuildError, ModelError, OptionError, ToolchainError
+from tvm_qmfrg.report import write_atomic
 
+from .artifact import (
+    cross_fcompile,
+    debian_packages,
+    input_signature,
+    sha256_file,
+    signature_path,
+)
 from .config import TargetConfig, load
+from .translate import translate_errors
 
 logger = logging.getLogger(__name__)
 _WARNED_UNTUNED: set[tuple[str, str]] = set()  # (model, target) untuned builds announced
@@ -92,15 +112,11 @@ def compile_tuned(
 
     config = config if isinstance(config, TargetConfig) else load(config)
     target = config.tvm_target()
-    try:
+    with translate_errors(model, f"TVM failed to compile it for {config.name}", BuildError):
         tuned = apply_database(
             mod, config, work_dir, prepared=prepared, shape_bindings=shape_bindings, model=model
         )
         return tvm.compile(tuned, target=target, relax_pipeline=untuned_pipeline(target))
-    except QMFRGError:
-        raise
-    except Exception as exc:
-        raise GraphError(f"{model}: TVM failed to compile it for {config.name}: {exc}") from exc
 
 
 def compile_module(mod, config: TargetConfig | str | os.PathLike, *, model: str = "model"):
@@ -126,23 +142,8 @@ def compile_module(mod, config: TargetConfig | str | os.PathLike, *, model: str 
             config.tuning.trials,
             config.tuning.trials_per_task,
         )
-    try:
+    with translate_errors(model, f"TVM failed to compile it for {config.name}", BuildError):
         return tvm.compile(mod, target=target, relax_pipeline=untuned_pipeline(target))
-    except QMFRGError:
-        raise
-    except Exception as exc:  # TVM raises many types (TVMError, ValueError, InternalError)
-        raise GraphError(f"{model}: TVM failed to compile it for {config.name}: {exc}") from exc
-
-
-def _debian_packages(compiler: str) -> str:
-    base = os.path.basename(compiler)
-    for tool in ("g++", "gcc"):
-        if base.endswith("-" + tool):
-            triple = base[: -len(tool) - 1]
-            return f"gcc-{triple} g++-{triple}"
-    if base in ("g++", "c++", "gcc", "cc"):
-        return "g++"
-    return ""
 
 
 def _fcompile(config: TargetConfig):
@@ -152,12 +153,13 @@ def _fcompile(config: TargetConfig):
     compiler = config.cross_compiler
     if compiler is None:
         compiler = cc.get_cc() or "g++"  # what export_library uses: $CXX, $CC or PATH
+        program = shlex.split(compiler)[0]
         fcompile = None
     else:
-        # a fresh one per export: cross_compiler's closure appends to its own option list
-        fcompile = cc.cross_compiler(compiler)
-    if shutil.which(shlex.split(compiler)[0]) is None:
-        packages = _debian_packages(compiler)
+        program = compiler  # already split from its options when the config was loaded
+        fcompile = cross_fcompile(compiler, config.compiler_options)
+    if shutil.which(program) is None:
+        packages = debian_packages(compiler)
         hint = f"; on Debian/Ubuntu: apt-get install -y {packages}" if packages else ""
         raise ToolchainError(
             f"{config.name}: exporting a .so needs the compiler '{compiler}', which is not on "
@@ -173,8 +175,18 @@ def _default_output(config: TargetConfig, work_dir: Path | None) -> Path:
     return work_dir / f"{config.name}.{config.format}"
 
 
-def export(executable, config: TargetConfig | str | os.PathLike, output: str | os.PathLike):
-    """Write ``executable`` to ``output`` in the config's format, atomically."""
+def export(
+    executable,
+    config: TargetConfig | str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    inputs: list[dict] | None = None,
+):
+    """Write ``executable`` to ``output`` in the config's format, atomically.
+
+    ``inputs`` (see :func:`input_signature`) is written to ``<output>.json`` after it; without
+    it, a signature left by an earlier build of ``output`` is removed.
+    """
     config = _as_config(config)
     output = Path(output)
     if output.suffix != f".{config.format}":
@@ -182,6 +194,7 @@ def export(executable, config: TargetConfig | str | os.PathLike, output: str | o
             f"{config.name}: output {output} must end in .{config.format} (the config's format)"
         )
     fcompile = _fcompile(config) if config.format == "so" else None
+    sig = signature_path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     # Export into a private directory next to the output, then rename: readers never see a
     # partial file, and the file gets the usual permissions (mkstemp's would be 0600).
@@ -193,13 +206,18 @@ def export(executable, config: TargetConfig | str | os.PathLike, output: str | o
         if fcompile is not None:
             kwargs["fcompile"] = fcompile
         tmp = staging / output.name
-        try:
+        with translate_errors(config.name, f"exporting {output.name} failed", ToolchainError):
             executable.export_library(str(tmp), **kwargs)
-        except Exception as exc:
-            raise ToolchainError(f"{config.name}: exporting {output.name} failed: {exc}") from exc
+            if not tmp.is_file():
+                raise FileNotFoundError(f"the compiler wrote no {output.name}")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(sig)  # never leave another build's signature next to the new artifact
         os.replace(tmp, output)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    if inputs is not None:
+        record = {"artifact": output.name, "sha256": sha256_file(output), "inputs": inputs}
+        write_atomic(sig, (json.dumps(record, indent=1) + "\n").encode())
     return output
 
 
@@ -230,6 +248,8 @@ def build(
     runs. Tuning needs static shapes: symbolic dimensions are bound from ``shape_bindings``
     (name -> size), else to 1, and the tuned library takes those shapes. The best schedules
     are applied and the result is compiled and exported as above, with ``Artifact.tuned`` set.
+    A tuning run holds ``work_dir`` (:func:`~tvm_qmfrg.targets.tune.work_dir_lock`): a second
+    one at the same time fails at once. The input signature goes to ``<output>.json``.
     """
     config = _as_config(config)
     work = Path(work_dir) if work_dir is not None else None
@@ -245,26 +265,32 @@ def build(
     if trials < 0:
         raise OptionError(f"trials must be >= 0, got {trials}")
     if trials > 0:
-        from .tune import prepare, tune
+        from .tune import prepare, tune, work_dir_lock
 
         if work is None:
             raise OptionError(f"{model}: tuning needs a work_dir for its database")
-        legal = prepare(mod, config.tvm_target(), shape_bindings=shape_bindings, model=model)
-        tune(
-            legal,
-            config,
-            work_dir=work,
-            trials=trials,
-            trials_per_task=trials_per_task,
-            tracker=tracker,
-            model=model,
-            prepared=True,
-            **tune_options,
-        )
-        executable = compile_tuned(legal, config, work, model=model, prepared=True)
+        with work_dir_lock(work, model=model):
+            with translate_errors(model, f"preparing it for {config.name}", BuildError):
+                legal = prepare(
+                    mod, config.tvm_target(), shape_bindings=shape_bindings, model=model
+                )
+            tune(
+                legal,
+                config,
+                work_dir=work,
+                trials=trials,
+                trials_per_task=trials_per_task,
+                tracker=tracker,
+                model=model,
+                prepared=True,
+                **tune_options,
+            )
+            executable = compile_tuned(legal, config, work, model=model, prepared=True)
+        signed = legal
     else:
         executable = compile_module(mod, config, model=model)
-    export(executable, config, out)
+        signed = mod
+    export(executable, config, out, inputs=input_signature(signed))
     logger.info(
         "%s: wrote %s for %s (%s)", model, out, config.name, "tuned" if trials else "untuned"
     )

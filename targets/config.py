@@ -9,7 +9,9 @@ own by passing a path to :func:`load`::
     description = "..."          # one line
     round_to = 4                 # channel multiple for QMFRGPrune(round_to=...)
     format = "so"                # "so" (linked shared library) or "tar" (objects)
-    cross_compiler = "aarch64-linux-gnu-g++"   # or "none": this machine's compiler
+    cross_compiler = "aarch64-linux-gnu-g++"   # or "none": this machine's compiler; a
+                                               # command line, split like a shell does
+                                               # ("g++ -O2", "zig c++ -target ...")
 
     [target]                     # a TVM target dict; `tag` picks a TVM tag, other keys
     tag = "arm/rk3399"           # override it. mcpu/num-cores may be "auto" (this machine)
@@ -27,13 +29,16 @@ own by passing a path to :func:`load`::
     key = "rk3399"               # RPC tracker key (rpc only)
 
 Every problem (unknown or missing key, wrong type, unknown TVM tag or option, invalid LLVM
-CPU) raises :class:`~tvm_qmfrg.errors.OptionError` naming the file and the key.
+CPU, a ``cross_compiler`` with an unbalanced quote) raises
+:class:`~tvm_qmfrg.errors.OptionError` naming the file and the key; a file that is not UTF-8
+or not TOML raises one naming the file (and the line TOML stopped at).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shlex
 import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -47,6 +52,8 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 from tvm_qmfrg.errors import OptionError
+
+from .translate import translate_errors
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +117,10 @@ class TargetConfig:
 
     ``target`` and ``host`` are read-only TVM target dicts with ``"auto"`` values already
     resolved; ``host`` is ``None`` when the target is its own host (CPU targets) or its tag
-    carries one. ``cross_compiler`` is ``None`` for this machine's default compiler.
+    carries one. ``cross_compiler`` is the compiler program, ``None`` for this machine's
+    default compiler; ``compiler_options`` are the words that followed it in the TOML value
+    (``"g++ -O2"`` -> ``"g++"``, ``("-O2",)``), put right after it on every link
+    (:func:`~tvm_qmfrg.targets.artifact.link_shared`).
     """
 
     name: str
@@ -123,6 +133,7 @@ class TargetConfig:
     runner: Runner
     format: str
     source: Path | None = field(default=None, compare=False)
+    compiler_options: tuple[str, ...] = ()
 
     def tvm_target(self):
         """The :class:`tvm.target.Target` (with host) this config compiles for."""
@@ -302,15 +313,12 @@ def _build_target(path: Path, target: dict, host: dict | None):
             f"{path}: key 'host.kind': a host must be a CPU target (llvm or c), "
             f"got '{host['kind']}'"
         )
-    try:
+    # TVM raises ValueError / TVMError naming the offending option
+    with translate_errors(str(path), "key 'target': TVM rejects it", OptionError):
         tgt = tvm.target.Target(target)
-    except Exception as exc:  # TVM raises ValueError / TVMError with the offending option
-        raise OptionError(f"{path}: key 'target': TVM rejects it: {exc}") from exc
     if host is not None:
-        try:
+        with translate_errors(str(path), "key 'host': TVM rejects it", OptionError):
             host_tgt = tvm.target.Target(host)
-        except Exception as exc:
-            raise OptionError(f"{path}: key 'host': TVM rejects it: {exc}") from exc
         if host_tgt.kind.name not in CPU_KINDS:  # a tagged host
             raise OptionError(
                 f"{path}: key 'host.kind': a host must be a CPU target (llvm or c), "
@@ -325,19 +333,59 @@ def _build_target(path: Path, target: dict, host: dict | None):
     return tgt
 
 
+def _read_toml(path: Path) -> dict:
+    """The TOML table of ``path``; one-line :class:`OptionError` naming it if unreadable."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise OptionError(f"{path}: cannot read: {exc.strerror}") from exc
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise OptionError(
+            f"{path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} on line {line})"
+        ) from exc
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        first = str(exc).splitlines()[0] if str(exc).strip() else "syntax error"
+        raise OptionError(f"{path}: not valid TOML: {first}") from exc
+
+
+def _split_compiler(path: Path, value: str) -> tuple[str | None, tuple[str, ...]]:
+    """``cross_compiler`` -> (program, options), split like a shell command line."""
+    text = value.strip()
+    if not text:
+        raise OptionError(
+            f"{path}: key 'cross_compiler' is empty; write \"{NO_COMPILER}\" to use this "
+            "machine's compiler"
+        )
+    if text == NO_COMPILER:
+        return None, ()
+    try:
+        words = shlex.split(text)
+    except ValueError as exc:  # "No closing quotation", "No escaped character"
+        raise OptionError(
+            f"{path}: key 'cross_compiler': cannot split {text!r} into a command "
+            f"({str(exc).lower()})"
+        ) from exc
+    if not words or not words[0]:
+        raise OptionError(f"{path}: key 'cross_compiler': {text!r} names no compiler program")
+    if words[0] == NO_COMPILER:
+        raise OptionError(
+            f"{path}: key 'cross_compiler': \"{NO_COMPILER}\" takes no options, got {text!r}"
+        )
+    return words[0], tuple(words[1:])
+
+
 def load(name_or_path: str | os.PathLike) -> TargetConfig:
     """Load a target config by shipped name (see :func:`available`) or by path.
 
     Raises :class:`OptionError` naming the file and key for anything invalid.
     """
     path = _resolve(name_or_path)
-    try:
-        with open(path, "rb") as fh:
-            data = tomllib.load(fh)
-    except tomllib.TOMLDecodeError as exc:
-        raise OptionError(f"{path}: not valid TOML: {exc}") from exc
-    except OSError as exc:
-        raise OptionError(f"{path}: cannot read: {exc}") from exc
+    data = _read_toml(path)
 
     _check_table(path, "", data, _TOP_KEYS, optional=_OPTIONAL_TOP)
     _check_table(path, "tuning.", data["tuning"], _TUNING_KEYS)
@@ -350,13 +398,7 @@ def load(name_or_path: str | os.PathLike) -> TargetConfig:
     fmt = data["format"]
     if fmt not in FORMATS:
         raise OptionError(f"{path}: key 'format' must be one of {FORMATS}, got {fmt!r}")
-    cross_compiler = data["cross_compiler"].strip()
-    if not cross_compiler:
-        raise OptionError(
-            f"{path}: key 'cross_compiler' is empty; write \"{NO_COMPILER}\" to use this "
-            "machine's compiler"
-        )
-    cross_compiler = None if cross_compiler == NO_COMPILER else cross_compiler
+    cross_compiler, compiler_options = _split_compiler(path, data["cross_compiler"])
 
     tuning = Tuning(
         trials=_positive(path, "tuning.trials", data["tuning"]["trials"]),
@@ -399,6 +441,7 @@ def load(name_or_path: str | os.PathLike) -> TargetConfig:
         target=_freeze(target),
         host=_freeze(host) if host is not None else None,
         cross_compiler=cross_compiler,
+        compiler_options=compiler_options,
         round_to=round_to,
         tuning=tuning,
         runner=runner,

@@ -5,6 +5,7 @@ The server and tracker are started and stopped by the tests (targets.rpc's conte
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -73,6 +74,16 @@ def test_bench_cli_prints_timings(compiled):
     assert "output matches the local reference" in proc.stdout
 
 
+def test_bench_without_input_shape_reads_the_signature_compile_wrote(compiled):
+    signature = json.loads(compiled.with_name(compiled.name + ".json").read_text())
+    assert signature["artifact"] == compiled.name
+    assert signature["inputs"] == [{"name": "input", "shape": [1, 32], "dtype": "float32"}]
+    with rpc.local_server() as (host, port):
+        proc = _cli("bench", str(compiled), "--rpc", f"{host}:{port}", "--repeat", "2")
+    assert proc.returncode == 0, proc.stderr
+    assert "output matches the local reference" in proc.stdout and "over 2 repeats" in proc.stdout
+
+
 def test_bench_through_a_tracker(compiled):
     x = np.ones((1, 32), np.float32)
     with rpc.local_tracker() as tracker, rpc.local_server(tracker=tracker, key="x86-test"):
@@ -83,7 +94,9 @@ def test_bench_through_a_tracker(compiled):
 def test_bench_errors_are_one_line(compiled, tmp_path):
     proc = _cli("bench", str(compiled), "--rpc", "127.0.0.1:1", "--input-shape", "input=1,32")
     assert proc.returncode == 1
-    assert proc.stderr.startswith("tvm-qmfrg bench: error: cannot open an RPC session")
+    assert proc.stderr.startswith(
+        "tvm-qmfrg bench: error: RPC server 127.0.0.1:1: cannot open an RPC session"
+    )
     assert len(proc.stderr.strip().splitlines()) == 1
     proc = _cli("bench", str(compiled), "--rpc", "nohostport", "--input-shape", "input=1,32")
     assert proc.returncode == 1 and "HOST:PORT" in proc.stderr

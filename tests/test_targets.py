@@ -234,6 +234,14 @@ BAD = {
         "description",
     ),
     "cross-compiler-empty": (_edit(GOOD, '"aarch64-linux-gnu-g++"', '""'), "cross_compiler"),
+    "cross-compiler-unbalanced-quote": (
+        _edit(GOOD, '"aarch64-linux-gnu-g++"', '"aarch64-linux-gnu-g++ \'-O2"'),
+        "cross_compiler",
+    ),
+    "cross-compiler-none-with-options": (
+        _edit(GOOD, '"aarch64-linux-gnu-g++"', '"none -O2"'),
+        "cross_compiler",
+    ),
     "runner-kind": (_edit(GOOD, 'kind = "rpc"', 'kind = "ssh"'), "runner.kind"),
     "rpc-without-key": (_edit(GOOD, 'key = "board"\n', ""), "runner.key"),
     "local-with-key": (_edit(GOOD, 'kind = "rpc"', 'kind = "local"'), "runner.key"),
@@ -308,7 +316,11 @@ def test_every_target_builds_untuned(cnn, tmp_path, name, caplog):
     assert artifact.target == name and artifact.format == config.format and not artifact.tuned
     assert artifact.path == tmp_path / f"{name}.{config.format}"
     assert artifact.path.stat().st_size > 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == [artifact.path.name]  # no leftovers
+    # no leftovers: the artifact and its input signature
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        artifact.path.name,
+        artifact.path.name + ".json",
+    ]
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "untuned" in warnings[0].getMessage()
     assert "small_cnn" in warnings[0].getMessage() and name in warnings[0].getMessage()
@@ -417,9 +429,71 @@ def test_output_suffix_must_match_format(cnn, tmp_path):
         build(cnn, "opencl-adreno", output=tmp_path / "model.so")
 
 
+X86_WITH_OPTIONS = """\
+description = "this machine, linked with options"
+round_to = 8
+format = "so"
+cross_compiler = "env LC_ALL=C g++ -O2 '-Wl,-soname,libqmfrg-options.so'"
+
+[target]
+kind = "llvm"
+
+[tuning]
+trials = 10
+trials_per_task = 10
+
+[runner]
+kind = "local"
+"""
+
+
+def test_cross_compiler_options_are_split_and_reach_the_linker(cnn_model, cnn, tmp_path):
+    # a launcher (env) with its own arguments, the compiler, a flag, a quoted linker option:
+    # split like a shell, run in that order before the link arguments
+    path = tmp_path / "x86-options.toml"
+    path.write_text(X86_WITH_OPTIONS)
+    config = load_target(path)
+    assert config.cross_compiler == "env"
+    assert config.compiler_options == ("LC_ALL=C", "g++", "-O2", "-Wl,-soname,libqmfrg-options.so")
+    artifact = build(cnn, config, output=tmp_path / "cnn.so")
+    assert b"libqmfrg-options.so" in artifact.path.read_bytes()  # the SONAME the option set
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(artifact.path)), tvm.cpu())
+    x = random_input(cnn_model, seed=4)
+    np.testing.assert_allclose(
+        vm["main"](tvm.runtime.tensor(x)).numpy(), run(cnn, x), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_build_writes_the_input_signature_next_to_the_artifact(cnn, tmp_path):
+    import hashlib
+    import json
+
+    from tvm_qmfrg.targets import export
+    from tvm_qmfrg.targets.artifact import read_signature
+
+    artifact = build(cnn, "opencl-adreno", output=tmp_path / "cnn.tar")
+    sidecar = tmp_path / "cnn.tar.json"
+    data = json.loads(sidecar.read_text())
+    assert data["artifact"] == "cnn.tar"
+    assert data["sha256"] == hashlib.sha256(artifact.path.read_bytes()).hexdigest()
+    (param,) = cnn["main"].params
+    expected = [{"name": "input", "shape": [1, 3, 8, 8], "dtype": "float32"}]
+    assert [int(d) for d in param.ty.shape.values] == expected[0]["shape"]
+    assert data["inputs"] == read_signature(artifact.path) == expected
+    # a symbolic dimension is written by name
+    model = synthetic.mlp(sizes=(16, 8))
+    for value in (*model.graph.input, *model.graph.output):
+        value.type.tensor_type.shape.dim[0].dim_param = "batch"
+    dynamic = build(load(model), "opencl-adreno", output=tmp_path / "dyn.tar")
+    assert read_signature(dynamic.path)[0]["shape"] == ["batch", 16]
+    # exported without a signature: the one of the earlier build is removed, not left stale
+    export(artifact.executable, "opencl-adreno", artifact.path)
+    assert not sidecar.exists()
+
+
 def test_rebuild_replaces_the_artifact(cnn, tmp_path):
     out = tmp_path / "m.tar"
     out.write_bytes(b"stale")
     artifact = build(cnn, "opencl-adreno", output=out)
     assert tarfile.is_tarfile(artifact.path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.tar"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.tar", "m.tar.json"]

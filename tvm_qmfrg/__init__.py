@@ -9,11 +9,22 @@ from __future__ import annotations
 
 import importlib
 
-from .errors import GraphError, ModelError, OptionError, QMFRGError, ToolchainError, WeightError
+from .errors import (
+    BuildError,
+    DeviceError,
+    GraphError,
+    ModelError,
+    OptionError,
+    QMFRGError,
+    ToolchainError,
+    WeightError,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BuildError",
+    "DeviceError",
     "GraphError",
     "ModelError",
     "OptionError",

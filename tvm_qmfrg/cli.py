@@ -104,51 +104,7 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
         "--sparsity or --epsilon.",
     )
     p.add_argument("model", help="ONNX file")
-    target = p.add_mutually_exclusive_group(required=True)
-    target.add_argument(
-        "--flops-reduction",
-        type=float,
-        metavar="F",
-        help="fraction of conv/matmul FLOPs to remove, allocated across layers",
-    )
-    target.add_argument(
-        "--sparsity",
-        type=float,
-        metavar="S",
-        help="fraction of channels to remove in every prunable group",
-    )
-    target.add_argument(
-        "--epsilon",
-        type=float,
-        metavar="RAD",
-        help="lossless mode: merge only channels within RAD radians (exact merges)",
-    )
-    p.add_argument(
-        "--criterion", default="qmfrg", help="qmfrg (default), spectral, magnitude, random or fpgm"
-    )
-    p.add_argument(
-        "--round-to",
-        type=int,
-        default=1,
-        metavar="N",
-        help="round kept channel counts up to a multiple of N (default 1)",
-    )
-    p.add_argument("--min-channels", type=int, default=1, metavar="N")
-    p.add_argument(
-        "--allocation",
-        choices=("uniform", "global"),
-        default="uniform",
-        help="FLOPs budget across layers: the same fraction of every group (uniform, "
-        "default) or one ranking of the criterion's normalized costs (global)",
-    )
-    p.add_argument(
-        "--protect",
-        action="append",
-        default=[],
-        metavar="GLOB",
-        help="leave groups whose producer name matches GLOB intact (repeatable)",
-    )
-    p.add_argument("--seed", type=int, default=0, help="seed of the random criterion")
+    add_prune_options(p, required=True)
     p.add_argument(
         "--substitute",
         metavar="KINDS",
@@ -175,6 +131,78 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_prune)
 
 
+def add_prune_options(p: argparse.ArgumentParser, *, required: bool) -> None:
+    """The pruning options (:class:`~tvm_qmfrg.options.PruneOptions`) of ``prune`` and
+    ``compile``; choices come from the criteria and allocation registries."""
+    from .criteria import CRITERIA
+    from .selection import ALLOCATIONS
+
+    target = p.add_mutually_exclusive_group(required=required)
+    target.add_argument(
+        "--flops-reduction",
+        type=float,
+        metavar="F",
+        help="fraction of conv/matmul FLOPs to remove, allocated across layers",
+    )
+    target.add_argument(
+        "--sparsity",
+        type=float,
+        metavar="S",
+        help="fraction of channels to remove in every prunable group",
+    )
+    target.add_argument(
+        "--epsilon",
+        type=float,
+        metavar="RAD",
+        help="lossless mode: merge only channels within RAD radians (exact merges)",
+    )
+    p.add_argument(
+        "--criterion",
+        default="qmfrg",
+        help=f"channel criterion: {', '.join(CRITERIA)} (default qmfrg)",
+    )
+    p.add_argument(
+        "--round-to",
+        type=int,
+        default=None,
+        metavar="N",
+        help="round kept channel counts up to a multiple of N (default 1; compile: the target's)",
+    )
+    p.add_argument("--min-channels", type=int, default=1, metavar="N")
+    p.add_argument(
+        "--allocation",
+        choices=list(ALLOCATIONS),
+        default="uniform",
+        help="FLOPs budget across layers: the same fraction of every group (uniform, "
+        "default) or one ranking of the criterion's normalized costs (global)",
+    )
+    p.add_argument(
+        "--protect",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="leave groups whose producer name matches GLOB intact (repeatable)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the random criterion")
+
+
+def prune_options(args: argparse.Namespace, round_to: int = 1):
+    """The :class:`~tvm_qmfrg.options.PruneOptions` of parsed ``prune``/``compile`` args."""
+    from .options import PruneOptions
+
+    return PruneOptions(
+        criterion=args.criterion,
+        sparsity=args.sparsity,
+        flops_reduction=args.flops_reduction,
+        epsilon=args.epsilon,
+        min_channels=args.min_channels,
+        round_to=args.round_to if args.round_to is not None else round_to,
+        allocation=args.allocation,
+        protect=tuple(args.protect),
+        seed=args.seed,
+    )
+
+
 def _add_input_shape(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--input-shape",
@@ -187,7 +215,6 @@ def _add_input_shape(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_prune(args: argparse.Namespace) -> int:
-    from .criteria import get as get_criterion
     from .onnx_model import load_onnx
     from .passes.onnx_export import export_onnx
     from .passes.onnx_io import export_model, import_model
@@ -195,12 +222,8 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     from .passes.substitute import SpectralSubstitution
     from .passes.substitute import check_options as check_substitution
     from .report import check_writable, write_atomic, write_json
-    from .selection import check_options
 
-    get_criterion(args.criterion)
-    check_options(
-        args.sparsity, args.flops_reduction, args.epsilon, args.min_channels, args.round_to
-    )
+    options = prune_options(args)
     kinds = tuple(k for k in args.substitute.split(",") if k)
     if kinds:
         check_substitution(args.sub_epsilon, kinds, 0.1, 1e-6)
@@ -212,19 +235,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     print(f"importing {args.model} into Relax ...", flush=True)
     imported = import_model(model, shapes, name=args.model)
     print("analyzing channel groups and choosing channels ...", flush=True)
-    plan, pruned = prune_module(
-        imported.mod,
-        criterion=args.criterion,
-        sparsity=args.sparsity,
-        flops_reduction=args.flops_reduction,
-        epsilon=args.epsilon,
-        min_channels=args.min_channels,
-        round_to=args.round_to,
-        allocation=args.allocation,
-        protect=args.protect,
-        seed=args.seed,
-        model=args.model,
-    )
+    plan, pruned = prune_module(imported.mod, options, model=args.model)
     print(plan.table())
     if kinds:
         substitute = SpectralSubstitution(args.sub_epsilon, kinds)
@@ -438,10 +449,7 @@ def _add_compile(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("model", help="ONNX file")
     p.add_argument("--target", required=True, help="shipped target name or a .toml path")
-    amount = p.add_mutually_exclusive_group()
-    amount.add_argument("--flops-reduction", type=float, metavar="F")
-    amount.add_argument("--sparsity", type=float, metavar="S")
-    p.add_argument("--criterion", default="qmfrg", help="pruning criterion (default qmfrg)")
+    add_prune_options(p, required=False)
     p.add_argument(
         "--trials", type=int, default=0, help="MetaSchedule trials in all (default 0: untuned)"
     )
@@ -518,16 +526,10 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     print(f"importing {args.model} into Relax ...", flush=True)
     imported = import_model(model, shapes, name=args.model, dim_sizes=bindings)
     mod = imported.mod
-    if args.flops_reduction is not None or args.sparsity is not None:
-        print(f"pruning for {config.name} (channels rounded to {config.round_to}) ...", flush=True)
-        plan, mod = prune_module(
-            mod,
-            criterion=args.criterion,
-            sparsity=args.sparsity,
-            flops_reduction=args.flops_reduction,
-            round_to=config.round_to,
-            model=args.model,
-        )
+    if any(x is not None for x in (args.flops_reduction, args.sparsity, args.epsilon)):
+        options = prune_options(args, round_to=config.round_to)
+        print(f"pruning for {config.name} (channels rounded to {options.round_to}) ...", flush=True)
+        plan, mod = prune_module(mod, options, model=args.model)
         print(plan.table())
     work_dir = args.work_dir or ("tune" if args.trials > 0 else None)
     extra = {}
@@ -587,7 +589,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         help="run and time an exported library on a device over TVM RPC",
         description="Upload the library to an RPC server (or a tracker's server under --key), "
         "time main() there and compare its output with a local reference run (when the "
-        "library is built for this machine).",
+        "library is built for this machine). The inputs are random data of the shapes and "
+        "dtypes compile wrote next to the library (LIB.json), or of --input-shape.",
     )
     p.add_argument("artifact", help="exported library (.so or .tar)")
     p.add_argument("--rpc", required=True, metavar="HOST:PORT", help="RPC server or tracker")
@@ -597,10 +600,20 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         action="append",
         default=[],
         metavar="NAME=D1,D2,...",
-        help="shape of each input of main, in order (repeatable; random float32 data)",
+        help="shape of each input of main, in order (repeatable; default: the signature "
+        "compile wrote next to the library; random data, float32 unless it says otherwise)",
     )
     p.add_argument("--repeat", type=int, default=10, help="timed repeats (default 10)")
     p.add_argument("--number", type=int, default=10, help="runs per repeat (default 10)")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="how long each step on the device (connect, upload, load, run) may go "
+        "unanswered before bench gives up (default 60; the timing gets its expected "
+        "duration on top)",
+    )
     p.add_argument(
         "--reference",
         metavar="HOST_LIB",
@@ -611,16 +624,37 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from .targets.rpc import bench, default_inputs, is_host_artifact, local_outputs
+    from .errors import ModelError
+    from .targets.artifact import read_signature, signature_path
+    from .targets.rpc import (
+        bench,
+        default_inputs,
+        is_host_artifact,
+        local_outputs,
+        signature_inputs,
+    )
     from .targets.tune import parse_tracker
 
     host, port = parse_tracker(args.rpc)
-    if not args.input_shape:
-        raise OptionError("give the input shapes of main with --input-shape NAME=D1,D2,...")
-    shapes = dict(_parse_shape(s) for s in args.input_shape)
-    inputs = default_inputs(shapes)
+    if not args.timeout > 0:
+        raise OptionError(f"--timeout {args.timeout:g} must be > 0 seconds")
+    if not Path(args.artifact).is_file():
+        raise ModelError(f"artifact {args.artifact}: no such file")
+    if args.input_shape:
+        shapes = dict(_parse_shape(s) for s in args.input_shape)
+        dtypes = None
+        if signature_path(args.artifact).is_file():  # dtypes still come from the signature
+            try:
+                dtypes = {e["name"]: e["dtype"] for e in read_signature(args.artifact)}
+            except ModelError as exc:
+                log.warning("%s; random float32 inputs", exc)
+        inputs = default_inputs(shapes, dtypes=dtypes)
+    else:
+        _, inputs = signature_inputs(args.artifact)
     reference = None
     if args.reference:
+        if not Path(args.reference).is_file():
+            raise ModelError(f"--reference {args.reference}: no such file")
         if not is_host_artifact(Path(args.reference)):
             raise OptionError(
                 f"--reference {args.reference}: not a shared library built for this machine"
@@ -635,6 +669,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         reference=reference,
         repeat=args.repeat,
         number=args.number,
+        timeout=args.timeout,
     )
     print(f"{args.artifact} on {args.rpc}" + (f" (key {args.key})" if args.key else ""))
     print(

@@ -1,8 +1,9 @@
 """One exception family for the whole toolkit.
 
 Every error a user can cause (bad model file, unusable weights, out-of-range option,
-graph the pass cannot handle) is a :class:`QMFRGError`; the CLI turns it into one readable
-line and a non-zero exit code. Messages name the model, the node and the reason.
+graph the pass cannot handle, a build TVM rejects, a board that does not answer) is a
+:class:`QMFRGError`; the CLI turns it into one readable line and a non-zero exit code.
+Messages name the model, the node and the reason.
 """
 
 from __future__ import annotations
@@ -32,6 +33,14 @@ class GraphError(QMFRGError):
 
 class ToolchainError(QMFRGError):
     """A compiler or linker an export needs is not installed, or it failed."""
+
+
+class BuildError(QMFRGError):
+    """TVM failed to compile a module for a target, or MetaSchedule failed to tune it."""
+
+
+class DeviceError(QMFRGError):
+    """An RPC server or tracker is unreachable or does not answer, or no board has the key."""
 
 
 def check_weight(array: np.ndarray, what: str, *, allow_zero: bool = False) -> np.ndarray:
