@@ -41,6 +41,7 @@ from . import calibrate
 from .channels import ChannelAnalysis, Producer, Space, analyze_channels, producer_names
 from .flops import module_cost
 from .normalize import normalize
+from .pass_input import checks_its_input
 from .rewrite import Rewriter, plan_edits
 
 log = logging.getLogger(__name__)
@@ -442,6 +443,7 @@ def apply_plan(
     return _rewrite(norm_mod, analysis, values, groups, plan, model)
 
 
+@checks_its_input
 @tvm.transform.module_pass(opt_level=0, name="QMFRGPrune")
 class QMFRGPrune:
     """Structured pruning as a module pass. Every call decides anew for the module it is
@@ -501,6 +503,7 @@ class QMFRGPrune:
         return pruned
 
 
+@checks_its_input
 @tvm.transform.module_pass(opt_level=0, name="ApplyPruningPlan")
 class ApplyPruningPlan:
     """The pass that rewrites a module by a saved :class:`~tvm_qmfrg.plan.PruningPlan`."""

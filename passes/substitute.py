@@ -48,6 +48,7 @@ from .flops import module_cost
 from .normalize import normalize
 from .ops import dims as _dims
 from .ops import linear_ops
+from .pass_input import checks_its_input
 
 log = logging.getLogger(__name__)
 
@@ -386,6 +387,7 @@ def check_options(epsilon, kinds, min_gain, delta) -> None:
         raise OptionError(f"delta={delta} is outside [0, 1)")
 
 
+@checks_its_input
 @tvm.transform.module_pass(opt_level=0, name="SpectralSubstitution")
 class SpectralSubstitution:
     """Module pass around :func:`substitute_module`; the last report is in ``self.report``."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from onnx import helper, numpy_helper
 from tvm_qmfrg.passes.flops import module_cost
 from tvm_qmfrg.passes.onnx_io import import_model
 from tvm_qmfrg.passes.prune import QMFRGPrune, apply_plan, prune_module
+from tvm_qmfrg.passes.substitute import SpectralSubstitution
 
 from tvm_qmfrg import synthetic
 from tvm_qmfrg.errors import ModelError, OptionError, WeightError
@@ -204,3 +206,22 @@ def test_a_plan_saved_from_the_cli_replays_on_the_imported_model(tmp_path):
     replayed = apply_plan(mod, PruningPlan.load(tmp_path / "plan.json"))
     plan, pruned = prune_module(mod, sparsity=0.5)
     assert module_cost(replayed).weights == module_cost(pruned).weights
+
+
+@pytest.mark.parametrize("make", [lambda: QMFRGPrune(sparsity=0.5), SpectralSubstitution])
+def test_a_pass_given_something_other_than_a_module_says_what_it_expected(make):
+    with pytest.raises(OptionError, match="expected a tvm.IRModule"):
+        make()("model.onnx")
+
+
+def test_a_flops_target_missed_by_rounding_is_a_warning_saying_why(caplog):
+    mod = import_model(synthetic.vgg(seed=1)).mod
+    with caplog.at_level(logging.WARNING):
+        plan, _ = prune_module(mod, flops_reduction=0.3, round_to=16, model="vgg")
+    assert abs(plan.flops_reduction - 0.3) > 0.02
+    assert "not the requested 30%" in caplog.text and "multiples of 16" in caplog.text
+
+
+def test_a_model_without_parameters_reports_no_parameter_change():
+    plan = PruningPlan("m", "qmfrg", {}, [], [], flops_before=0, params_before=0)
+    assert "params 0 -> 0 (n/a)" in plan.table()
