@@ -18,9 +18,7 @@ import platform
 import sys
 import time
 
-import numpy as np
 import onnx
-import onnxruntime as ort
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
@@ -35,23 +33,10 @@ from tvm_qmfrg.passes.prune import prune_module  # noqa: E402
 from tests.corpus.idioms import CORPUS, FAMILY, INPUT_SHAPES  # noqa: E402
 from tests.corpus.pretrained import PRETRAINED  # noqa: E402
 from tvm_qmfrg.errors import QMFRGError  # noqa: E402
+from tvm_qmfrg.onnxio.runtime import output_error, run_onnx  # noqa: E402
 from tvm_qmfrg.report import write_json  # noqa: E402
 
 OUT = os.path.join(os.path.dirname(__file__), "results", "corpus.json")
-
-
-def _rel(a, b) -> float:
-    return max(
-        float(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)).max())
-        / max(float(np.abs(np.asarray(y)).max()), 1.0)
-        for x, y in zip(a, b)
-    )
-
-
-def _ort(model, inputs):
-    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
-        None, inputs
-    )
 
 
 def measure(key: str, model: onnx.ModelProto, shapes: dict, family: str, exporter: str) -> dict:
@@ -65,13 +50,15 @@ def measure(key: str, model: onnx.ModelProto, shapes: dict, family: str, exporte
     row["import_s"] = round(time.perf_counter() - t, 2)
     row["nodes"] = [imp.prepared.nodes_before, imp.prepared.nodes_after]
     inputs = sample_inputs(imp, seed=1)
-    want = _ort(model, inputs)
+    want = run_onnx(model, inputs)
     plan, pruned = prune_module(imp.mod, sparsity=0.0, model=key)
     row["coverage"] = round(plan.coverage, 4)
     row["frozen_groups"] = len(plan.frozen)
     row["groups"] = len(plan.groups)
-    row["sparsity0_tvm_err"] = _rel(host_runner(pruned, list(imp.input_shapes))(inputs), want)
-    row["sparsity0_onnx_err"] = _rel(_ort(export_model(imp, pruned, check=False), inputs), want)
+    tvm_out = host_runner(pruned, list(imp.input_shapes))(inputs)
+    onnx_out = run_onnx(export_model(imp, pruned, check=False), inputs)
+    row["sparsity0_tvm_err"] = output_error(tvm_out, want)
+    row["sparsity0_onnx_err"] = output_error(onnx_out, want)
     for target in (0.2, 0.3):
         t = time.perf_counter()
         try:

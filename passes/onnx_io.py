@@ -22,6 +22,7 @@ import tvm
 from tvm import relax
 
 from tvm_qmfrg.onnxio.prepare import PreparedModel, prepare
+from tvm_qmfrg.onnxio.runtime import random_inputs
 
 from .importer import import_onnx
 from .normalize import normalize
@@ -87,20 +88,8 @@ def host_runner(mod: tvm.IRModule, input_names: list[str]):
 
 
 def sample_inputs(imported: ImportedModel, seed: int = 0) -> dict[str, np.ndarray]:
-    """Seeded standard-normal inputs of the model's static shapes and dtypes."""
-    rng = np.random.default_rng(seed)
-    dtypes = {
-        i.name: onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type)
-        for i in imported.prepared.model.graph.input
-    }
-    out = {}
-    for name, shape in imported.input_shapes.items():
-        dtype = np.dtype(dtypes.get(name, np.float32))
-        if dtype.kind == "f":
-            out[name] = rng.standard_normal(shape).astype(dtype)
-        else:
-            out[name] = rng.integers(0, 2, size=shape).astype(dtype)
-    return out
+    """Seeded inputs of the model's static shapes and dtypes (:func:`random_inputs`)."""
+    return random_inputs(imported.prepared.model, imported.input_shapes, seed)
 
 
 def export_model(

@@ -35,6 +35,7 @@ from onnx import helper, numpy_helper
 from tvm import relax
 
 from tvm_qmfrg.errors import GraphError
+from tvm_qmfrg.onnxio.runtime import output_error, run_onnx
 
 from .importer import node_of
 from .rewrite import PRUNED_SUFFIX
@@ -436,26 +437,15 @@ def check_against(
     outputs differ by more than ``rtol`` of their scale, ``max(max |out|, 1)`` (the floor keeps
     near-zero outputs, like a probability map on random input, from magnifying round-off).
     """
-    import onnxruntime as ort
-
-    try:
-        sess = ort.InferenceSession(
-            onnx_model.SerializeToString(), providers=["CPUExecutionProvider"]
-        )
-        got = sess.run(None, inputs)
-    except Exception as exc:  # onnxruntime raises its own exception types
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise GraphError(f"{model}: the exported ONNX model does not run: {first}") from exc
+    got = run_onnx(onnx_model, inputs, name=f"{model}: the exported ONNX model")
     want = run_tvm(inputs)
-    worst = 0.0
     for a, b in zip(got, want):
-        a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-        if a.shape != b.shape:
+        if np.shape(a) != np.shape(b):
             raise GraphError(
-                f"{model}: the exported ONNX model's output shape {a.shape} is not TVM's {b.shape}"
+                f"{model}: the exported ONNX model's output shape {np.shape(a)} is not TVM's "
+                f"{np.shape(b)}"
             )
-        scale = max(float(np.max(np.abs(b))), 1.0)
-        worst = max(worst, float(np.max(np.abs(a - b))) / scale)
+    worst = output_error(got, want)
     if worst > rtol:
         raise GraphError(
             f"{model}: the exported ONNX model differs from the pruned TVM module "

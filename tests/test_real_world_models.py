@@ -8,15 +8,14 @@ and 20% / 30% FLOPs cuts export a model that runs in onnxruntime, matches TVM (c
 
 from __future__ import annotations
 
-import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from tvm_qmfrg.passes.onnx_io import export_model, host_runner, import_model, sample_inputs
 from tvm_qmfrg.passes.prune import prune_module
 
 from tests.corpus.idioms import CORPUS, INPUT_SHAPES
 from tests.corpus.pretrained import PRETRAINED
+from tvm_qmfrg.onnxio.runtime import output_error, run_onnx
 
 CASES = [pytest.param(("corpus", k), id=k) for k in CORPUS] + [
     pytest.param(("pretrained", k), id=k) for k in PRETRAINED
@@ -40,32 +39,17 @@ def imported(request):
     return request.param[1], model, import_model(model, shapes, name=request.param[1])
 
 
-def _ort(model: onnx.ModelProto, inputs: dict) -> list[np.ndarray]:
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return sess.run(None, inputs)
-
-
-def _rel(a: list, b: list) -> float:
-    """Max abs difference over the outputs, relative to ``max(max |b|, 1)``."""
-    worst = 0.0
-    for x, y in zip(a, b):
-        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-        assert x.shape == y.shape
-        worst = max(worst, float(np.abs(x - y).max()) / max(float(np.abs(y).max()), 1.0))
-    return worst
-
-
 def test_sparsity_zero_changes_nothing_in_tvm_or_in_the_exported_onnx(imported):
     name, original, imp = imported
     inputs = sample_inputs(imp, seed=1)
-    want = _ort(original, inputs)
+    want = run_onnx(original, inputs)
     plan, pruned = prune_module(imp.mod, sparsity=0.0, model=name)
     assert plan.flops_after == plan.flops_before
     got_tvm = host_runner(pruned, list(imp.input_shapes))(inputs)
     exported = export_model(imp, pruned, check=False)
-    got_onnx = _ort(exported, inputs)
-    assert _rel(got_tvm, want) <= 1e-5
-    assert _rel(got_onnx, want) <= 1e-5
+    got_onnx = run_onnx(exported, inputs)
+    assert output_error(got_tvm, want) <= 1e-5
+    assert output_error(got_onnx, want) <= 1e-5
     assert [n.name for n in exported.graph.node] == [n.name for n in imp.prepared.model.graph.node]
 
 

@@ -305,30 +305,28 @@ def binary(ctx: Walker, var: relax.Var, call: relax.Call, where: str) -> None:
         ctx.mark(lay, APPROXIMATE)  # a per-channel affine after the first nonlinearity
 
 
-@rule("relax.nn.softmax", "relax.nn.log_softmax")
-def softmax(ctx: Walker, var: relax.Var, call: relax.Call, where: str) -> None:
+def _normalizes(ctx: Walker, var, call, where: str, axes) -> None:
+    """A normalization over ``axes``: freezes channels it normalizes across, else passes
+    them (not homogeneous: merges become approximate)."""
     lay = ctx.layout.get(call.args[0])
     if lay is None:
         return
     rank = len(_shape(call.args[0]))
-    if int(call.attrs.axis) % rank == lay.axis:
+    if lay.axis in [int(a) % rank for a in axes]:
         ctx.freeze(lay, f"{where}: normalizes across channels")
         return
     ctx.layout[var] = lay
     ctx.mark(lay, APPROXIMATE)
+
+
+@rule("relax.nn.softmax", "relax.nn.log_softmax")
+def softmax(ctx: Walker, var: relax.Var, call: relax.Call, where: str) -> None:
+    _normalizes(ctx, var, call, where, [call.attrs.axis])
 
 
 @rule("relax.nn.layer_norm")
 def layer_norm(ctx: Walker, var: relax.Var, call: relax.Call, where: str) -> None:
-    lay = ctx.layout.get(call.args[0])
-    if lay is None:
-        return
-    rank = len(_shape(call.args[0]))
-    if lay.axis in [int(a) % rank for a in call.attrs.axes]:
-        ctx.freeze(lay, f"{where}: normalizes across channels")
-        return
-    ctx.layout[var] = lay
-    ctx.mark(lay, APPROXIMATE)
+    _normalizes(ctx, var, call, where, call.attrs.axes)
 
 
 # ---- layout ops -------------------------------------------------------------------
