@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -30,6 +31,7 @@ import tvm
 from tvm import relax
 
 from tvm_qmfrg import criteria as criteria_registry
+from tvm_qmfrg import reconstruction
 from tvm_qmfrg.compensation import pruned_offsets, relu_mean, unit_spectra
 from tvm_qmfrg.criteria import EXACT_MERGES, ChannelGroup
 from tvm_qmfrg.errors import GraphError, OptionError
@@ -37,7 +39,7 @@ from tvm_qmfrg.options import PruneOptions
 from tvm_qmfrg.plan import FrozenGroup, GroupPlan, PruningPlan
 from tvm_qmfrg.selection import AxisCost, FlopsModel, resolve, select
 
-from . import calibrate
+from . import calibrated
 from .channels import ChannelAnalysis, Producer, Space, analyze_channels, producer_names
 from .flops import module_cost
 from .normalize import normalize
@@ -207,6 +209,7 @@ def prune_module(
     options: PruneOptions | None = None,
     *,
     calibration=None,
+    onnx_model=None,
     model: str = "model",
     names: Sequence[str] | None = None,
     params: dict | None = None,
@@ -243,7 +246,16 @@ def prune_module(
     criterion = opts.criterion
     factory = criteria_registry.get(criterion)
     sparsity, flops_reduction, epsilon = opts.sparsity, opts.flops_reduction, opts.epsilon
-    min_channels, round_to, allocation = opts.min_channels, opts.round_to, opts.allocation
+    min_channels, round_to = opts.min_channels, opts.round_to
+    calibrated = calibration is not None
+    allocation = opts.allocation_for(calibrated)
+    if allocation == "sensitivity" and not (calibrated and flops_reduction is not None):
+        raise OptionError(
+            "allocation 'sensitivity' measures each group on calibration data: it needs "
+            "calibration samples and a flops_reduction target"
+        )
+    if calibrated and epsilon is not None:
+        raise OptionError("epsilon (lossless merging) is data-free: drop the calibration data")
     protect, seed, compensate = opts.protect, opts.seed, opts.compensates
     spectra = criteria_registry.traits(criterion).filter_spectra
     norm_mod, analysis, values, groups, names_by_var = _prepare(mod, model, names, params, spectra)
@@ -280,7 +292,7 @@ def prune_module(
             flops_model=_flops_model(analysis, active),
             min_channels=min_channels,
             round_to=round_to,
-            allocation=allocation,
+            allocation="uniform" if allocation == "sensitivity" else allocation,
         )
         if active
         else []
@@ -302,13 +314,26 @@ def prune_module(
                 offsets,
             )
         )
-    if calibration is not None:
-        _refit_groups(norm_mod, analysis, values, active, plans, calibration, model)
+    if calibrated and active:
+        plans = _calibrate(
+            norm_mod,
+            analysis,
+            values,
+            active,
+            plans,
+            sels,
+            opts,
+            allocation,
+            calibration,
+            onnx_model,
+            names_by_var,
+            model,
+        )
     before = module_cost(norm_mod)
     plan = PruningPlan(
         model=model,
         criterion=criterion,
-        options={**opts.to_dict(), "calibrated": calibration is not None},
+        options={**opts.to_dict(), "allocation": allocation, "calibrated": calibrated},
         groups=plans,
         frozen=frozen,
         flops_before=before.flops,
@@ -357,38 +382,46 @@ def _options(options: PruneOptions | None, values: dict) -> PruneOptions:
     return PruneOptions(**values)
 
 
-def _refit_groups(norm_mod, analysis, values, active, plans, calibration, model) -> None:
-    """Data-aware mode: replace merges by least-squares refits on calibration activations."""
-    reads = {}
-    for g, gp in zip(active, plans):
-        if len(gp.kept) == gp.units:
-            continue
-        found = [
-            (values[var].args[0], site, seg)
-            for var, site, seg in _space_sites(analysis, g.space, "consumer")
-        ]
-        found = [f for f in found if isinstance(f[0], relax.Var) and f[2].ppf >= 1]
-        if found:
-            counts = {}
-            for src, _, _ in found:
-                counts[src] = counts.get(src, 0) + 1
-            best = max(found, key=lambda f: counts[f[0]])
-            reads[g.space.id] = best
-    acts = calibrate.collect(
-        norm_mod, list({src: None for src, _, _ in reads.values()}), calibration
+def _calibrate(
+    norm_mod,
+    analysis,
+    values,
+    active,
+    plans,
+    sels,
+    opts,
+    allocation,
+    calibration,
+    onnx_model,
+    names,
+    model,
+) -> list[GroupPlan]:
+    """Calibrated mode (:mod:`.calibrated`): the data-free plans give the budget per group
+    (or ``sensitivity`` measures it); units are chosen and refit on activations."""
+    allocate = None
+    if allocation == "sensitivity":
+        flops = _flops_model(analysis, active)
+        units = [g.space.units for g in active]
+        widths = [g.space.unit for g in active]
+        mins = [max(1, math.ceil(opts.min_channels / w)) for w in widths]
+        steps = [max(1, opts.round_to // math.gcd(opts.round_to, w)) for w in widths]
+
+        def allocate(curves):
+            return reconstruction.allocate(curves, units, flops, opts.flops_reduction, mins, steps)
+
+    settings = calibrated.CalibrationSettings(opts.selection, opts.sequential, allocation)
+    return calibrated.calibrate_plans(
+        norm_mod,
+        analysis,
+        values,
+        [(g.space.id, gp) for g, gp in zip(active, plans)],
+        calibration,
+        onnx_model,
+        settings,
+        names=names,
+        allocate=allocate,
+        model=model,
     )
-    for g, gp in zip(active, plans):
-        if g.space.id not in reads:
-            continue
-        src, site, seg = reads[g.space.id]
-        samples = calibrate.feature_samples(acts[src], site.layout, seg)
-        u = gp.unit
-        kept = np.array([f for k in gp.kept for f in range(k * u, (k + 1) * u)])
-        pruned = np.array(sorted(set(range(gp.channels)) - set(kept.tolist())))
-        r, mu = calibrate.refit(samples, kept, pruned)
-        gp.refit = r.tolist()
-        gp.offsets = {int(f): float(m) for f, m in zip(pruned, mu)}
-        log.info("%s: group %s refit on %d samples", model, gp.name, samples.shape[0])
 
 
 def plan_pruning(mod: tvm.IRModule, **options) -> PruningPlan:

@@ -34,6 +34,7 @@ class _Edit:
     shape: tuple[int, int] | None = None  # (axis, new size) of a reshape target
     groups: int | None = None  # new groups of a depthwise conv
     window: tuple[int, np.ndarray] | None = None  # (axis, kept positions) of a split / slice
+    zero: list[tuple[int, int, np.ndarray]] = field(default_factory=list)  # (arg, axis, kept)
     out_keep: np.ndarray | None = None  # kept output positions when the binding also produces
 
 
@@ -53,12 +54,15 @@ def _keep_positions(analysis: ChannelAnalysis, layout: Layout, decided: dict) ->
 
 
 def _fold_consumer(
-    weight: np.ndarray, site: Site, analysis, decided
+    weight: np.ndarray, site: Site, analysis, decided, consumer: str
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Fold merges (or a refit) into a consumer weight; also return the bias compensation.
+    """Fold merges (or the refit of ``consumer``) into a consumer weight; also return the
+    bias compensation.
 
-    For ``a_p ~= sum_k R[p, k] a_k + mu_p``: ``V[:, k] += sum_p R[p, k] V[:, p]`` and the output
-    gains ``sum_p mu_p V[:, p]`` (summed over kernel taps).
+    Merges ``a_p ~= c a_k``: ``V[:, k] += c V[:, p]``, and the output gains
+    ``sum_p mu_p V[:, p]`` (summed over kernel taps) for the offsets. A refit
+    ``x ~= R x_K + mu`` (every feature from the kept ones): ``V[:, k] = sum_f R[f, k] V[:, f]``
+    and the output gains ``sum_f mu_f V[:, f]``.
     """
     w = np.moveaxis(weight.astype(np.float64), site.axis, 0).copy()
     out_axis = site.out_axis + 1 if site.out_axis < site.axis else site.out_axis
@@ -70,22 +74,20 @@ def _fold_consumer(
         if gp is None:
             continue
         u = gp.unit
+        refit = next((rf for rf in gp.refits if rf.consumer == consumer), None)
+        if refit is not None and seg.ppf >= 1 and seg.features == gp.channels:
+            ppf = int(seg.ppf)
+            every = np.arange(gp.channels)
+            kept = np.array([f for k in gp.kept for f in range(k * u, (k + 1) * u)])
+            bias += np.asarray(refit.mu, np.float64) @ taps[seg.positions(every)].reshape(
+                gp.channels, ppf, -1
+            ).sum(axis=1)
+            wf = w[seg.positions(every)].reshape((gp.channels, ppf) + w.shape[1:])
+            wk = np.tensordot(np.asarray(refit.r, np.float64), wf, axes=([0], [0]))
+            w[seg.positions(kept)] = wk.reshape((-1,) + w.shape[1:])
+            continue
         for f, mu in gp.offsets.items():
             bias += mu * taps[seg.positions(np.array([f]))].sum(axis=0)
-        if gp.refit is not None:
-            kept = np.array([f for k in gp.kept for f in range(k * u, (k + 1) * u)])
-            pruned = np.array(sorted(set(range(gp.channels)) - set(kept.tolist())))
-            r = np.asarray(gp.refit)
-            if seg.ppf < 1:
-                log.warning("refit through a head-split layout is not supported; skipped")
-                continue
-            ppf = int(seg.ppf)
-            wp = w[seg.positions(pruned)].reshape((pruned.size, ppf) + w.shape[1:])
-            pos_k = seg.positions(kept)
-            wk = w[pos_k].reshape((kept.size, ppf) + w.shape[1:])
-            wk += np.tensordot(r, wp, axes=([0], [0]))
-            w[pos_k] = wk.reshape((-1,) + w.shape[1:])
-            continue
         for j, i, c in gp.merges:
             pj = seg.positions(np.arange(j * u, (j + 1) * u))
             pi = seg.positions(np.arange(i * u, (i + 1) * u))
@@ -93,8 +95,12 @@ def _fold_consumer(
     return np.moveaxis(w, 0, site.axis).astype(weight.dtype), bias
 
 
-def plan_edits(analysis: ChannelAnalysis, decided: dict) -> dict:
-    """Per binding var, the :class:`_Edit` that realizes ``decided`` (space id -> GroupPlan)."""
+def plan_edits(analysis: ChannelAnalysis, decided: dict, *, mask: bool = False) -> dict:
+    """Per binding var, the :class:`_Edit` that realizes ``decided`` (space id -> GroupPlan).
+
+    ``mask``: keep every shape; consumers get their folds and read zeros from the pruned
+    positions instead (the same function as the pruned module, on the dense graph).
+    """
     edits: dict = {}
     for var, sites in analysis.sites.items():
         edit = _Edit()
@@ -103,6 +109,10 @@ def plan_edits(analysis: ChannelAnalysis, decided: dict) -> dict:
             if site.role == "consumer":
                 edit.folds.append(site)
             if keep is None:
+                continue
+            if mask:
+                if site.role == "consumer":
+                    edit.zero.append((site.arg, site.axis, keep))
                 continue
             if site.role == "shape":
                 edit.shape = (site.axis, int(keep.size))
@@ -120,19 +130,27 @@ def plan_edits(analysis: ChannelAnalysis, decided: dict) -> dict:
     return edits
 
 
-def _new_call(call: relax.Call, args: list, edit: _Edit, analysis, decided):
+def _new_call(call: relax.Call, args: list, edit: _Edit, analysis, decided, consumer: str):
     """The edited call (built from the already remapped ``args``) and its output bias."""
     arrays = {i: args[i].value.numpy() for i in edit.slices}
     bias = None
     for site in edit.folds:
         arr = arrays.get(site.arg, args[site.arg].value.numpy())
-        arr, b = _fold_consumer(arr, site, analysis, decided)
+        arr, b = _fold_consumer(arr, site, analysis, decided, consumer)
         arrays[site.arg] = arr
         if np.any(b):
             bias = b if bias is None else bias + b
     for i, cuts in edit.slices.items():
         for axis, keep in cuts:
             arrays[i] = np.take(arrays[i], keep, axis=axis)
+    for i, axis, keep in edit.zero:
+        arr = arrays.get(i, args[i].value.numpy()).copy()
+        gone = np.ones(arr.shape[axis], dtype=bool)
+        gone[keep] = False
+        index = [slice(None)] * arr.ndim
+        index[axis] = gone
+        arr[tuple(index)] = 0
+        arrays[i] = arr
     for i, arr in arrays.items():
         args[i] = relax.const(np.ascontiguousarray(arr))
     if bias is not None and edit.out_keep is not None:
@@ -212,7 +230,7 @@ class Rewriter(relax.PyExprMutator):
             return
         call = binding.value
         args = [self.visit_expr(a) for a in call.args]
-        value, bias = _new_call(call, args, edit, self.analysis, self.decided)
+        value, bias = _new_call(call, args, edit, self.analysis, self.decided, binding.var.name)
         output = not isinstance(binding.var, relax.DataflowVar)
         name = binding.var.name
         if bias is not None:

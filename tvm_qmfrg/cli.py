@@ -105,6 +105,7 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("model", help="ONNX file")
     add_prune_options(p, required=True)
+    add_data_options(p)
     p.add_argument(
         "--substitute",
         metavar="KINDS",
@@ -203,6 +204,113 @@ def prune_options(args: argparse.Namespace, round_to: int = 1):
     )
 
 
+def add_data_options(p: argparse.ArgumentParser) -> None:
+    """``--calibration``, ``--preprocess`` and ``--validate`` of ``prune`` and ``compile``
+    (formats: :mod:`tvm_qmfrg.calibration_data`)."""
+    p.add_argument(
+        "--calibration",
+        metavar="PATH",
+        help="calibration samples: a .npy (one-input model), a .npz (one array per input "
+        "name) or a folder of images (needs --preprocess); the leading axis counts the "
+        "samples. The pruned layers' consumers are refit on them (a few hundred suffice)",
+    )
+    p.add_argument(
+        "--preprocess",
+        metavar="SPEC",
+        help="how images of a folder become inputs, e.g. size=224,mean=127.5,std=127.5,"
+        "layout=NCHW,channels=RGB (keys: size=N|HxW, resize=stretch|shorter, "
+        "channels=RGB|BGR|GRAY, scale=F, mean=M|M1/M2/M3, std=S|S1/S2/S3, layout=NCHW|NHWC)",
+    )
+    p.add_argument(
+        "--validate",
+        metavar="PATH",
+        help="held-out samples (same formats as --calibration): print how closely the "
+        "pruned model follows the dense one on them (top-1 agreement for a classifier, "
+        "else mean cosine of the first output), in onnxruntime, before anything is written",
+    )
+
+
+def _check_data_flags(args: argparse.Namespace) -> None:
+    """What the data flags need of each other, before any file is read."""
+    if args.preprocess is None:
+        return
+    from .calibration_data import parse_preprocess
+
+    parse_preprocess(args.preprocess)
+    given = [
+        (flag, path)
+        for flag, path in (("--calibration", args.calibration), ("--validate", args.validate))
+        if path
+    ]
+    if not any(os.path.isdir(path) for _, path in given):
+        named = " or ".join(f"{flag} {path}" for flag, path in given)
+        raise OptionError(
+            "--preprocess is for a folder of images, and "
+            + (f"{named} is not a folder" if named else "no --calibration or --validate is given")
+        )
+
+
+def _load_data(args: argparse.Namespace, model, shapes: dict, dim_sizes: dict | None = None):
+    """The ``--calibration`` and ``--validate`` samples (or ``None``), read and checked
+    against ``model``'s inputs at the static shapes the import will give them."""
+    import onnx
+
+    from .calibration_data import load_samples, parse_preprocess, sample_count
+    from .onnxio.prepare import graph_inputs, static_input_shapes
+
+    if not (args.calibration or args.validate):
+        return None, None
+    static, _ = static_input_shapes(model, shapes, args.model, dim_sizes)
+    types = {
+        i.name: onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type or 1)
+        for i in graph_inputs(model)
+    }
+    inputs = {k: (v, types[k]) for k, v in static.items()}
+    pre = parse_preprocess(args.preprocess) if args.preprocess else None
+    loaded = []
+    for flag, path, what in (
+        ("--calibration", args.calibration, "calibration"),
+        ("--validate", args.validate, "validation"),
+    ):
+        if not path:
+            loaded.append(None)
+            continue
+        samples = load_samples(path, inputs, pre if os.path.isdir(path) else None, flag=flag)
+        print(f"loaded {sample_count(samples)} {what} samples from {path}", flush=True)
+        loaded.append(samples)
+    return loaded[0], loaded[1]
+
+
+def _calibration_args(calibration, imported) -> dict:
+    """``prune_module``'s data keywords: the samples and the prepared ONNX they feed."""
+    if calibration is None:
+        return {}
+    return {"calibration": calibration, "onnx_model": imported.prepared.model}
+
+
+def _print_validation(args: argparse.Namespace, imported, pruned_onnx, samples) -> None:
+    """Print how the pruned ONNX follows the dense (prepared) one on the --validate data."""
+    from .calibration_data import sample_count
+    from .onnxio.validate import fidelity
+
+    print("validating the pruned model against the dense one in onnxruntime ...", flush=True)
+    batch = int(next(iter(imported.input_shapes.values()))[0])
+    result = fidelity(imported.prepared.model, pruned_onnx, samples, batch=batch, name=args.model)
+    same = bool(args.calibration) and _same_path(args.calibration, args.validate)
+    seen = "the calibration data, seen by the pass" if same else "not seen by the pass"
+    print(
+        f"validation ({sample_count(samples)} samples, {seen}): {result.metric} with the "
+        f"dense model {result.value:.3f}"
+    )
+
+
+def _same_path(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
 def _add_input_shape(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--input-shape",
@@ -231,11 +339,15 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     for flag, path in (("-o", args.output), ("--plan", args.plan), ("--report", args.report)):
         if path:
             check_writable(path, flag)
+    _check_data_flags(args)
     model = load_onnx(args.model)
+    calibration, validation = _load_data(args, model, shapes)
     print(f"importing {args.model} into Relax ...", flush=True)
     imported = import_model(model, shapes, name=args.model)
     print("analyzing channel groups and choosing channels ...", flush=True)
-    plan, pruned = prune_module(imported.mod, options, model=args.model)
+    plan, pruned = prune_module(
+        imported.mod, options, model=args.model, **_calibration_args(calibration, imported)
+    )
     print(plan.table())
     if kinds:
         substitute = SpectralSubstitution(args.sub_epsilon, kinds)
@@ -243,20 +355,22 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         pruned = substitute(pruned)
         print(substitute.report.table())
     onnx_model = None
-    if args.output:
+    if args.output or validation is not None:
         print("writing back to ONNX and checking it in onnxruntime against TVM ...", flush=True)
         if kinds:  # substitution changes the graph's structure: emit it from Relax
             outputs = [o.name for o in model.graph.output]
             onnx_model = export_onnx(pruned, model_name=imported.name, output_names=outputs)
         else:
             onnx_model = export_model(imported, pruned)
+    if validation is not None:
+        _print_validation(args, imported, onnx_model, validation)
     if args.plan:
         plan.save(args.plan)
         print(f"wrote plan {args.plan}")
     if kinds and args.report:
         write_json(args.report, substitute.report.to_dict())
         print(f"wrote substitution report {args.report}")
-    if onnx_model is not None:
+    if args.output:
         write_atomic(args.output, onnx_model.SerializeToString())
         print(f"wrote pruned model {args.output}")
     return 0
@@ -411,9 +525,10 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
         help="the main job on the shipped model: analyze, prune, build, measure",
-        description="Analyze the shipped digits ResNet, prune it with qmfrg (data-free and "
-        "refit on training images) and with the magnitude baseline, build each for this host "
-        "with TVM, and print accuracy and latency before and after. Writes a report folder.",
+        description="Analyze the shipped digits ResNet, prune it with qmfrg (calibrated on "
+        "training images, the main line, and data-free) and with the magnitude baseline, "
+        "build each for this host with TVM, and print accuracy and latency before and after. "
+        "Writes a report folder.",
     )
     p.add_argument(
         "--flops-reduction",
@@ -450,6 +565,7 @@ def _add_compile(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", help="ONNX file")
     p.add_argument("--target", required=True, help="shipped target name or a .toml path")
     add_prune_options(p, required=False)
+    add_data_options(p)
     p.add_argument(
         "--trials", type=int, default=0, help="MetaSchedule trials in all (default 0: untuned)"
     )
@@ -500,7 +616,7 @@ class _ProgressBar:
 
 def _cmd_compile(args: argparse.Namespace) -> int:
     from .onnx_model import load_onnx
-    from .passes.onnx_io import import_model
+    from .passes.onnx_io import export_model, import_model
     from .passes.prune import prune_module
     from .report import check_writable
     from .targets import build
@@ -522,15 +638,28 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         check_writable(args.output, "-o")
     if args.work_dir:
         _check_work_dir(args.work_dir)
+    pruning = any(x is not None for x in (args.flops_reduction, args.sparsity, args.epsilon))
+    for flag, value in (("--calibration", args.calibration), ("--validate", args.validate)):
+        if value and not pruning:
+            raise OptionError(
+                f"{flag} is for pruning: give --flops-reduction, --sparsity or --epsilon"
+            )
+    _check_data_flags(args)
     model = load_onnx(args.model)
+    calibration, validation = _load_data(args, model, shapes, bindings)
     print(f"importing {args.model} into Relax ...", flush=True)
     imported = import_model(model, shapes, name=args.model, dim_sizes=bindings)
     mod = imported.mod
-    if any(x is not None for x in (args.flops_reduction, args.sparsity, args.epsilon)):
+    if pruning:
         options = prune_options(args, round_to=config.round_to)
         print(f"pruning for {config.name} (channels rounded to {options.round_to}) ...", flush=True)
-        plan, mod = prune_module(mod, options, model=args.model)
+        plan, mod = prune_module(
+            mod, options, model=args.model, **_calibration_args(calibration, imported)
+        )
         print(plan.table())
+        if validation is not None:
+            print("exporting the pruned model to ONNX for validation ...", flush=True)
+            _print_validation(args, imported, export_model(imported, mod), validation)
     work_dir = args.work_dir or ("tune" if args.trials > 0 else None)
     extra = {}
     if args.trials > 0:

@@ -14,7 +14,10 @@ from dataclasses import asdict, dataclass, field
 
 from . import criteria
 from .errors import OptionError
-from .selection import ALLOCATIONS
+from .selection import ALLOCATIONS as DATA_FREE_ALLOCATIONS
+
+ALLOCATIONS = ("auto", *DATA_FREE_ALLOCATIONS, "sensitivity")
+SELECTIONS = ("activations", "criterion")
 
 
 def _real(name: str, value) -> float | None:
@@ -50,13 +53,24 @@ class PruneOptions:
     min_channels, round_to
         Every group keeps at least ``min_channels`` and a multiple of ``round_to`` channels.
     allocation
-        How a FLOPs budget spreads over groups: ``uniform`` or ``global``.
+        How a FLOPs budget spreads over groups: ``uniform``, ``global``, or ``sensitivity``
+        (measured on calibration data); ``auto`` (default): ``sensitivity`` when the pass
+        has calibration data and a FLOPs target, else ``uniform``.
     protect
         Glob patterns (or exact names) of producer nodes whose groups stay intact.
     compensate
         Fold data-free bias compensation into consumers (default: the criterion's trait).
     seed
         Seed of the ``random`` criterion.
+    selection
+        With calibration data: which units a group keeps. ``activations`` (default): the
+        column subset that best reconstructs its consumers' outputs
+        (:func:`tvm_qmfrg.reconstruction.select_units`); ``criterion``: the criterion's
+        choice, refit afterwards.
+    sequential
+        With calibration data: decide groups one by one on the network already pruned
+        upstream, then refit every consumer on the pruned network (default); ``False``:
+        every group from the dense network's activations.
     """
 
     criterion: str = "qmfrg"
@@ -65,10 +79,12 @@ class PruneOptions:
     epsilon: float | None = None
     min_channels: int = 1
     round_to: int = 1
-    allocation: str = "uniform"
+    allocation: str = "auto"
     protect: tuple[str, ...] = field(default_factory=tuple)
     compensate: bool | None = None
     seed: int = 0
+    selection: str = "activations"
+    sequential: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.criterion, str):
@@ -106,9 +122,19 @@ class PruneOptions:
             raise OptionError(
                 f"allocation={self.allocation!r} is not one of {', '.join(ALLOCATIONS)}"
             )
+        if self.selection not in SELECTIONS:
+            raise OptionError(f"selection={self.selection!r} is not one of {', '.join(SELECTIONS)}")
+        if not isinstance(self.sequential, bool):
+            raise OptionError(f"sequential must be True or False, got {self.sequential!r}")
         object.__setattr__(self, "protect", _patterns(self.protect))
         if self.compensate is not None and not isinstance(self.compensate, bool):
             raise OptionError(f"compensate must be True, False or None, got {self.compensate!r}")
+
+    def allocation_for(self, calibrated: bool) -> str:
+        """The allocation that runs: ``auto`` resolved for a pass with or without data."""
+        if self.allocation != "auto":
+            return self.allocation
+        return "sensitivity" if calibrated and self.flops_reduction is not None else "uniform"
 
     @property
     def compensates(self) -> bool:

@@ -2,23 +2,55 @@
 
 A plan lists, per channel group (named after its first producer), the kept units and how
 each pruned unit is folded into a kept one (``merges``), the bias compensation of each pruned
-feature (``offsets``: the mean a consumer loses, ``E[a_j - c a_i]``), and, in data-aware
-mode, the least-squares reconstruction ``a_pruned ~= R a_kept + offsets`` (``refit``).
+feature (``offsets``: the mean a consumer loses, ``E[a_j - c a_i]``), and, in calibrated
+mode, per mixing consumer the least-squares reconstruction ``x ~= R x_kept + mu`` of the
+features it read in the dense model from the kept ones it reads now (``refits``, see
+:mod:`tvm_qmfrg.reconstruction`; saved as base64 float32).
 Frozen groups carry the reason. FLOPs and parameter counts before and after are measured on
 the modules, not estimated.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
+
 from .errors import ModelError
 from .report import format_table, write_json
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2
+
+
+@dataclass
+class Refit:
+    """``x ~= r @ x_kept + mu`` at one consumer (a binding name): ``r`` is features x kept."""
+
+    consumer: str
+    r: np.ndarray
+    mu: np.ndarray
+
+    def to_dict(self) -> dict:
+        r = np.ascontiguousarray(self.r, dtype="<f4")
+        return {
+            "consumer": self.consumer,
+            "shape": list(r.shape),
+            "r": base64.b64encode(r.tobytes()).decode("ascii"),
+            "mu": [float(v) for v in self.mu],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict, at: str) -> Refit:
+        try:
+            shape = tuple(int(v) for v in data["shape"])
+            r = np.frombuffer(base64.b64decode(data["r"]), dtype="<f4").reshape(shape)
+            return cls(str(data["consumer"]), r.astype(np.float32), np.asarray(data["mu"], float))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelError(f"{at}: malformed 'refits' entry ({exc})") from exc
 
 
 @dataclass
@@ -30,7 +62,7 @@ class GroupPlan:
     kept: list[int]
     merges: list[tuple[int, int, float]] = field(default_factory=list)
     offsets: dict[int, float] = field(default_factory=dict)
-    refit: list[list[float]] | None = None  # (pruned features x kept features)
+    refits: list[Refit] = field(default_factory=list)  # calibrated: one per mixing consumer
 
     @property
     def units(self) -> int:
@@ -70,15 +102,16 @@ class GroupPlan:
                 raise ModelError(f"{at}: 'offsets' names feature {f}, which is not pruned")
             if not math.isfinite(mu):
                 raise ModelError(f"{at}: 'offsets' of feature {f} is {mu}")
-        if self.refit is not None:
-            shape = (len(self.refit), len(self.refit[0]) if self.refit else 0)
-            if shape != (pruned_features, self.kept_channels) or not all(
-                math.isfinite(v) for row in self.refit for v in row
-            ):
+        del pruned_features
+        for rf in self.refits:
+            want = (self.channels, self.kept_channels)
+            if tuple(rf.r.shape) != want or np.shape(rf.mu) != (self.channels,):
                 raise ModelError(
-                    f"{at}: 'refit' must be {pruned_features} x {self.kept_channels} finite "
-                    f"numbers, got {shape[0]} x {shape[1]}"
+                    f"{at}: refit of consumer '{rf.consumer}' must be {want[0]} x {want[1]} "
+                    f"with {want[0]} means, got {'x'.join(map(str, np.shape(rf.r)))}"
                 )
+            if not (np.isfinite(rf.r).all() and np.isfinite(rf.mu).all()):
+                raise ModelError(f"{at}: refit of consumer '{rf.consumer}' is not finite")
 
 
 @dataclass
@@ -113,7 +146,10 @@ class PruningPlan:
         return 1.0 - self.flops_after / self.flops_before if self.flops_before else 0.0
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self, dict_factory=_no_refits)
+        for g, gp in zip(out["groups"], self.groups):
+            g["refits"] = [rf.to_dict() for rf in gp.refits]
+        return out
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "plan") -> PruningPlan:
@@ -130,7 +166,9 @@ class PruningPlan:
                 kept=[int(k) for k in g["kept"]],
                 merges=[(int(a), int(b), float(c)) for a, b, c in g["merges"]],
                 offsets={int(k): float(v) for k, v in g["offsets"].items()},
-                refit=g.get("refit"),
+                refits=[
+                    Refit.from_dict(r, f"{where}: group '{g['name']}'") for r in g.get("refits", [])
+                ],
             )
             for g in data["groups"]
         ]
@@ -213,3 +251,8 @@ class PruningPlan:
                 lines.append(f"  {reason} ({len(items)}):")
                 lines += [f"    {f.name} ({f.channels} channels): {f.reason}" for f in items]
         return "\n".join(lines)
+
+
+def _no_refits(items) -> dict:
+    """``asdict`` factory that leaves refits (numpy arrays) to :meth:`Refit.to_dict`."""
+    return {k: ([] if k == "refits" else v) for k, v in items}

@@ -1,0 +1,514 @@
+"""Calibrated pruning: choose and refit each group on the activations its consumers read.
+
+The bookkeeping of :mod:`tvm_qmfrg.reconstruction` (the mathematics) on a Relax module:
+
+1. every prunable group's *mixing consumers* (the convs / matmuls that read its features,
+   through depthwise convs, BatchNorm, activations and pooling: the channel analysis already
+   follows those) and the tensor each one reads;
+2. an activation engine that runs the model with some groups already decided — on the dense
+   graph, with the decided consumers folded and reading zeros from the pruned positions
+   (:func:`.rewrite.plan_edits` ``mask=True``: the same function as the pruned model, every
+   tensor where it was) — in onnxruntime when the module came from an ONNX model (the
+   graph patched by :mod:`.onnx_patch`), else in an untuned TVM build for the host;
+3. ``sensitivity`` allocation: each group pruned alone by a few fractions, the network's
+   output error measured, the FLOPs budget spread by :func:`reconstruction.allocate`;
+4. sequential selection and refit, group by group in the order their consumers run, each on
+   the activations of the network already pruned upstream, then one more refit pass over
+   every consumer with the whole network pruned (a residual stream is read before and after
+   the groups inside its blocks).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from tvm_qmfrg import reconstruction as rec
+from tvm_qmfrg.errors import GraphError, OptionError
+from tvm_qmfrg.plan import GroupPlan, Refit
+
+from .calibrate import probe_module
+from .channels import ChannelAnalysis, Segment, Site
+from .importer import OUT, SUB, node_of
+from .rewrite import Rewriter, plan_edits
+
+log = logging.getLogger(__name__)
+
+HELD_OUT_EVERY = 5  # every 5th calibration sample scores the ridge candidates
+ROW_BUDGET = 65536  # activation rows per consumer (spatial positions / tokens subsampled)
+SENSITIVITY_FRACTIONS = (0.25, 0.5, 0.75)
+SENSITIVITY_SAMPLES = 64
+MOMENT_BYTES = 1 << 30  # moments collected in one engine pass, at most
+
+
+@dataclass
+class Read:
+    """One consumer site reading a group: its binding, its input, and its weight Gram."""
+
+    consumer: relax.Var
+    data: relax.Var
+    site: Site
+    seg: Segment
+    gram: np.ndarray
+    order: int  # position of the consumer's binding in ``main``
+
+
+@dataclass
+class Stage:
+    """A group being decided: its plan so far and the consumers that read it."""
+
+    space: int
+    plan: GroupPlan
+    reads: list[Read]
+    keep: int  # units to keep
+    curve: list[tuple[float, float]] = field(default_factory=list)
+
+
+def consumer_reads(analysis: ChannelAnalysis, values: dict, space_id: int, order: dict):
+    """The reads of ``space_id`` a refit can fold into: whole-group segments of constant
+    consumer weights over a data tensor."""
+    out = []
+    for var, sites in analysis.sites.items():
+        for site in sites:
+            if site.role != "consumer":
+                continue
+            for seg in site.layout.segments:
+                sp = analysis.spaces_by_id[analysis.root[seg.space]]
+                if sp.id != space_id or seg.ppf < 1 or seg.first or seg.features != sp.size:
+                    continue
+                call = values[var]
+                data = call.args[1 - site.arg] if len(call.args) == 2 else call.args[0]
+                weight = call.args[site.arg]
+                if not isinstance(data, relax.Var) or not isinstance(weight, tvm.ir.GenericConst):
+                    continue
+                w = np.moveaxis(weight.value.numpy().astype(np.float64), site.axis, 0)
+                if w.shape[0] != site.layout.size:
+                    continue
+                w = w[seg.positions(np.arange(sp.size))].reshape(sp.size, -1)
+                out.append(Read(var, data, site, seg, w @ w.T, order[var]))
+    return out
+
+
+def features(act: np.ndarray, read: Read) -> np.ndarray:
+    """``(rows, F)`` of one read: the channel axis last, a flattened block's offsets as rows."""
+    lay, seg = read.site.layout, read.seg
+    a = np.moveaxis(act, lay.axis, -1).reshape(-1, lay.size)[:, seg.start : seg.stop]
+    ppf = int(seg.ppf)
+    a = a.reshape(a.shape[0], seg.features, ppf)
+    return np.moveaxis(a, 2, 1).reshape(-1, seg.features)
+
+
+# ---- the activation engine -------------------------------------------------------------
+@dataclass
+class Batch:
+    """One batch of calibration inputs: sample ids (``-1`` pads) and the arrays by input."""
+
+    ids: np.ndarray
+    inputs: list[np.ndarray]
+
+
+def batches(calibration, func: relax.Function, model: str) -> tuple[list[Batch], int]:
+    """Calibration data cut into the batches ``func`` takes (the last one padded)."""
+    params = func.params
+    if isinstance(calibration, Mapping):
+        missing = [p.name for p in params if p.name not in calibration]
+        if missing:
+            raise OptionError(f"{model}: calibration data has no input '{missing[0]}'")
+        arrays = [np.asarray(calibration[p.name]) for p in params]
+    elif isinstance(calibration, np.ndarray):
+        arrays = [calibration]
+    else:
+        arrays = [np.asarray(a) for a in calibration]
+    if len(arrays) != len(params):
+        raise OptionError(
+            f"{model}: calibration gives {len(arrays)} inputs, the model takes {len(params)}"
+        )
+    n = arrays[0].shape[0] if arrays[0].ndim else 0
+    if n == 0 or any(a.ndim == 0 or a.shape[0] != n for a in arrays):
+        raise OptionError(f"{model}: calibration inputs must share a non-zero leading size")
+    first = params[0].ty.shape.values[0]
+    batch = int(first) if isinstance(first, tvm.tirx.IntImm) else n
+    for p, a in zip(params, arrays):
+        want = [int(d) if isinstance(d, tvm.tirx.IntImm) else None for d in p.ty.shape.values]
+        if len(want) != a.ndim or any(
+            w is not None and w != s for w, s in zip(want[1:], a.shape[1:])
+        ):
+            raise OptionError(
+                f"{model}: calibration input '{p.name}' has shape {list(a.shape)}, "
+                f"the model takes {['N', *want[1:]]}"
+            )
+        if a.dtype.kind == "f" and not np.isfinite(a).all():
+            raise OptionError(f"{model}: calibration input '{p.name}' holds NaN or Inf")
+    out = []
+    for i in range(0, n, batch):
+        ids = np.arange(i, i + batch)
+        take = np.minimum(ids, n - 1)
+        ids[ids >= n] = -1
+        out.append(Batch(ids, [a[take].astype(str(p.ty.dtype)) for a, p in zip(arrays, params)]))
+    return out, n
+
+
+class _Engine:
+    """Runs the model with some groups decided; see the module docstring (item 2)."""
+
+    def __init__(self, norm_mod, analysis, onnx_model, model: str):
+        self.mod = norm_mod
+        self.analysis = analysis
+        self.model = model
+        self.func = norm_mod["main"]
+        self.input_names = [p.name for p in self.func.params]
+        self.onnx = onnx_model
+        self.kind = "onnxruntime" if onnx_model is not None else "tvm"
+
+    def masked(self, decided: dict) -> tvm.IRModule:
+        if not decided:
+            return self.mod
+        edits = plan_edits(self.analysis, decided, mask=True)
+        return Rewriter(self.mod, edits, self.analysis, decided).transform()
+
+    def run(
+        self, decided: dict, wanted: Sequence[relax.Var], data: Sequence[Batch]
+    ) -> Iterator[tuple[Batch, list[np.ndarray], np.ndarray]]:
+        """Per batch: the values of ``wanted`` and the first output, ``decided`` applied."""
+        names = [v.name for v in wanted]
+        mod = self.masked(decided)
+        if self.kind == "onnxruntime":
+            yield from self._run_ort(mod, names, data)
+        else:
+            yield from self._run_tvm(mod, names, data)
+
+    def _run_tvm(self, mod, names, data):
+        by_name = {b.var.name: b.var for block in mod["main"].body.blocks for b in block.bindings}
+        probe = probe_module(mod, [by_name[n] for n in names])
+        ex = tvm.compile(probe, target=tvm.target.Target({"kind": "llvm"}))
+        vm = relax.VirtualMachine(ex, tvm.cpu())
+        for b in data:
+            out = vm["main"](*[tvm.runtime.tensor(a) for a in b.inputs])
+            first = out[0]
+            while isinstance(first, tvm.ir.Array | list | tuple):
+                first = first[0]
+            yield b, [out[k + 1].numpy() for k in range(len(names))], first.numpy()
+
+    def _run_ort(self, mod, names, data):
+        import onnx
+        import onnxruntime as ort
+
+        from .onnx_patch import patch_onnx
+
+        patched = (
+            patch_onnx(self.onnx, self.mod, mod, model=self.model)
+            if mod is not self.mod
+            else self.onnx
+        )
+        graph = onnx.ModelProto()
+        graph.CopyFrom(patched)
+        tensors = [onnx_tensor(n, graph) for n in names]
+        first = graph.graph.output[0].name
+        known = {o.name for o in graph.graph.output}
+        for t in tensors:
+            if t not in known:
+                graph.graph.output.append(onnx.ValueInfoProto(name=t))
+                known.add(t)
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        sess = ort.InferenceSession(graph.SerializeToString(), opts, ["CPUExecutionProvider"])
+        fetch = [first, *tensors]
+        for b in data:
+            feed = dict(zip(self.input_names, b.inputs))
+            out = sess.run(fetch, feed)
+            yield b, out[1:], out[0]
+
+
+def onnx_tensor(var_name: str, model) -> str:
+    """The ONNX tensor a binding named by :mod:`.importer` holds (a node's output or an
+    input); a :class:`GraphError` when the binding is not a whole node's result."""
+    if var_name in {i.name for i in model.graph.input}:
+        return var_name
+    node = node_of(var_name)
+    if not node or SUB in var_name:
+        raise GraphError(f"binding '{var_name}' is not an ONNX tensor")
+    base = var_name
+    head, sep, tail = base.rpartition(OUT)
+    k = int(tail) if sep and tail.isdigit() and head == node else 0
+    for n in model.graph.node:
+        if n.name == node:
+            return n.output[k]
+    raise GraphError(f"binding '{var_name}' names node '{node}', not in the graph")
+
+
+def pick_engine(norm_mod, analysis, onnx_model, reads: Sequence[Read], model: str) -> _Engine:
+    """onnxruntime when every read maps to a tensor of ``onnx_model``, else TVM."""
+    if onnx_model is not None:
+        try:
+            for r in reads:
+                onnx_tensor(r.data.name, onnx_model)
+            return _Engine(norm_mod, analysis, onnx_model, model)
+        except GraphError as exc:
+            log.info("%s: activations through TVM (%s)", model, exc)
+    return _Engine(norm_mod, analysis, None, model)
+
+
+# ---- collection ------------------------------------------------------------------------
+@dataclass
+class _Rows:
+    """Which rows of a read's activation to keep (subsampled, padding dropped)."""
+
+    per_sample: int
+    seed: int = 0
+    mask_input: int | None = None  # index of a (batch, tokens) 0/1 input: padding dropped
+
+
+def _row_filter(read: Read, act: np.ndarray, b: Batch, rows: _Rows) -> np.ndarray:
+    """Indices of the rows of :func:`features` to keep for this batch."""
+    lay = read.site.layout
+    total = act.size // act.shape[lay.axis] * int(read.seg.ppf)
+    batch = b.ids.size
+    if total % batch:  # the sample axis is not leading: keep every row of a real batch
+        return np.arange(total) if (b.ids >= 0).any() else np.arange(0)
+    per = total // batch
+    ok = np.repeat(b.ids >= 0, per)
+    if rows.mask_input is not None and int(read.seg.ppf) == 1:
+        mask = b.inputs[rows.mask_input]
+        if lay.axis == act.ndim - 1 and act.ndim == 3 and act.shape[:2] == mask.shape:
+            ok &= mask.reshape(-1) != 0
+    idx = np.flatnonzero(ok)
+    if per > rows.per_sample:
+        rng = np.random.default_rng(rows.seed + int(b.ids.max(initial=0)))
+        keep = []
+        for s in range(batch):
+            lo = idx[(idx >= s * per) & (idx < (s + 1) * per)]
+            if lo.size > rows.per_sample:
+                lo = np.sort(rng.choice(lo, rows.per_sample, replace=False))
+            keep.append(lo)
+        idx = np.concatenate(keep) if keep else idx
+    return idx
+
+
+def collect(
+    engine: _Engine,
+    decided: dict,
+    reads: Sequence[Read],
+    data: Sequence[Batch],
+    rows: _Rows,
+    names: Mapping,
+) -> list[rec.ConsumerData]:
+    """Moments of (current, dense) features at every read; current = ``decided`` applied."""
+    wanted = list({r.data: None for r in reads})
+    slot = {v: i for i, v in enumerate(wanted)}
+    out = [
+        rec.ConsumerData(
+            names.get(r.consumer, r.consumer.name),
+            r.gram,
+            rec.Moments.empty(r.seg.features),
+            rec.Moments.empty(r.seg.features),
+        )
+        for r in reads
+    ]
+    dense_runs = engine.run({}, wanted, data)
+    current_runs = engine.run(decided, wanted, data) if decided else None
+    for b, dense, _ in dense_runs:
+        current = next(current_runs)[1] if current_runs is not None else dense
+        held = (b.ids % HELD_OUT_EVERY) == HELD_OUT_EVERY - 1
+        for r, cd in zip(reads, out):
+            a_d, a_c = dense[slot[r.data]], current[slot[r.data]]
+            for part, moments in ((~held, cd.fit), (held, cd.held)):
+                if not part.any():
+                    continue
+                sub = Batch(np.where(part, b.ids, -1), b.inputs)
+                idx = _row_filter(r, a_d, sub, rows)
+                moments.add(features(a_c, r)[idx], features(a_d, r)[idx])
+    return out
+
+
+def _output_error(got: np.ndarray, want: np.ndarray) -> float:
+    """``||y - y_dense||^2 / ||y_dense - mean||^2`` over the samples."""
+    w = want.astype(np.float64)
+    return float(np.sum((got - w) ** 2) / max(np.sum((w - w.mean(axis=0)) ** 2), 1e-30))
+
+
+# ---- the pass --------------------------------------------------------------------------
+def _plan_of(stage: Stage, kept_units: Sequence[int], datas, model: str) -> GroupPlan:
+    gp = stage.plan
+    u = gp.unit
+    kept_f = np.array([f for k in kept_units for f in range(k * u, (k + 1) * u)])
+    refits = []
+    for d in datas:
+        if d.rows < 2 * kept_f.size:
+            log.warning(
+                "%s: group %s: consumer %s is refit on %d rows for %d kept features; "
+                "give more calibration samples",
+                model,
+                gp.name,
+                d.name,
+                d.rows,
+                kept_f.size,
+            )
+        fit = rec.reconstruct(d, kept_f)
+        refits.append(Refit(d.name, fit.r.astype(np.float32), fit.mu))
+    return GroupPlan(gp.name, gp.producers, gp.channels, u, sorted(kept_units), [], {}, refits)
+
+
+@dataclass(frozen=True)
+class CalibrationSettings:
+    """How the calibrated pass runs (from :class:`~tvm_qmfrg.options.PruneOptions`)."""
+
+    selection: str  # "activations" | "criterion"
+    sequential: bool
+    allocation: str  # "sensitivity" | anything else: keep the given counts
+
+
+def calibrate_plans(
+    norm_mod: tvm.IRModule,
+    analysis: ChannelAnalysis,
+    values: dict,
+    plans: list[tuple[int, GroupPlan]],
+    calibration,
+    onnx_model,
+    settings: CalibrationSettings,
+    *,
+    names: Mapping,
+    allocate: Callable[[list[list[tuple[float, float]]]], list[int]] | None = None,
+    model: str = "model",
+) -> list[GroupPlan]:
+    """The calibrated plans of ``plans`` (``(space id, data-free plan)`` pairs, whose kept
+    counts are the budget unless ``allocate`` turns measured loss curves into counts)."""
+    t0 = time.perf_counter()
+    func = norm_mod["main"]
+    order = {
+        b.var: i for i, b in enumerate(b for block in func.body.blocks for b in block.bindings)
+    }
+    data, n = batches(calibration, func, model)
+    mask_input = next(
+        (
+            i
+            for i, p in enumerate(func.params)
+            if "mask" in p.name.lower() and len(p.ty.shape.values) == 2 and p.ty.dtype != "float32"
+        ),
+        None,
+    )
+    stages = []
+    for sid, gp in plans:
+        reads = consumer_reads(analysis, values, sid, order)
+        if reads:
+            stages.append(Stage(sid, gp, reads, len(gp.kept)))
+        else:
+            log.info("%s: group %s has no consumer to refit; kept as decided", model, gp.name)
+    all_reads = [r for st in stages for r in st.reads]
+    engine = pick_engine(norm_mod, analysis, onnx_model, all_reads, model)
+    per = max(1, -(-ROW_BUDGET // n))
+    rows = _Rows(per, 0, mask_input)
+    log.info(
+        "%s: calibrated pruning of %d groups on %d samples (activations by %s)",
+        model,
+        len(stages),
+        n,
+        engine.kind,
+    )
+    if allocate is not None and stages:
+        _measure_curves(engine, stages, data, rows, names, model)
+        keep = allocate([st.curve for st in stages])
+        for st, k in zip(stages, keep):
+            st.keep = k
+    stages.sort(key=lambda st: min(r.order for r in st.reads))
+    decided: dict = {}
+    dense_only = not settings.sequential
+    for i, st in enumerate(stages):
+        datas = collect(engine, {} if dense_only else decided, st.reads, data, rows, names)
+        if settings.selection == "activations":
+            kept, _ = rec.select_units(datas, st.plan.unit, st.keep)
+        else:
+            kept = list(st.plan.kept)
+        decided[st.space] = _plan_of(st, kept, datas, model)
+        log.info(
+            "%s: [%d/%d] %s keeps %d of %d units (%.1f s)",
+            model,
+            i + 1,
+            len(stages),
+            st.plan.name,
+            len(kept),
+            st.plan.units,
+            time.perf_counter() - t0,
+        )
+    if settings.sequential:
+        _refine(engine, stages, decided, data, rows, names, model)
+    log.info("%s: calibrated pruning done in %.1f s", model, time.perf_counter() - t0)
+    by_space = {st.space: decided[st.space] for st in stages}
+    return [by_space.get(sid, gp) for sid, gp in plans]
+
+
+def _refine(engine, stages, decided, data, rows, names, model) -> None:
+    """Refit every consumer once more, in the order the consumers run, on the activations of
+    the network with every group pruned (and the consumers before it refit again)."""
+    reads = sorted(((r, st) for st in stages for r in st.reads), key=lambda rs: rs[0].order)
+    waves: list[list[tuple[Read, Stage]]] = []
+    done_inputs: set = set()
+    for r, st in reads:  # consumers reading the same tensor are refit together
+        if waves and r.data in done_inputs:
+            waves[-1].append((r, st))
+            continue
+        waves.append([(r, st)])
+        done_inputs = {r.data}
+    for wave in waves:
+        datas = collect(engine, decided, [r for r, _ in wave], data, rows, names)
+        for (_, st), d in zip(wave, datas):
+            gp = decided[st.space]
+            u = gp.unit
+            kept_f = np.array([f for k in gp.kept for f in range(k * u, (k + 1) * u)])
+            fit = rec.reconstruct(d, kept_f)
+            gp.refits = [rf for rf in gp.refits if rf.consumer != d.name]
+            gp.refits.append(Refit(d.name, fit.r.astype(np.float32), fit.mu))
+    log.info("%s: refit %d consumers on the pruned network", model, len(reads))
+
+
+def _measure_curves(engine, stages, data, rows, names, model) -> None:
+    """Each group pruned alone (activation selection + refit on dense activations) by
+    :data:`SENSITIVITY_FRACTIONS`: the relative output error on the first samples."""
+    subset = []
+    for b in data:
+        subset.append(b)
+        if sum(int((x.ids >= 0).sum()) for x in subset) >= SENSITIVITY_SAMPLES:
+            break
+    dense_out = [out for _, _, out in engine.run({}, [], subset)]
+    budget, chunk = MOMENT_BYTES, []
+    chunks = []
+    for st in stages:
+        size = sum(8 * 6 * r.seg.features**2 for r in st.reads)
+        if chunk and budget - size < 0:
+            chunks.append(chunk)
+            chunk, budget = [], MOMENT_BYTES
+        chunk.append(st)
+        budget -= size
+    if chunk:
+        chunks.append(chunk)
+    for chunk in chunks:
+        reads = [r for st in chunk for r in st.reads]
+        datas = collect(engine, {}, reads, data, rows, names)
+        k = 0
+        for st in chunk:
+            mine = datas[k : k + len(st.reads)]
+            k += len(st.reads)
+            units = st.plan.units
+            curve = []
+            for frac in SENSITIVITY_FRACTIONS:
+                keep = max(1, units - int(round(frac * units)))
+                if keep >= units:
+                    continue
+                kept, _ = rec.select_units(mine, st.plan.unit, keep)
+                trial = {st.space: _plan_of(st, kept, mine, model)}
+                got = [out for _, _, out in engine.run(trial, [], subset)]
+                err = _output_error(np.concatenate(got), np.concatenate(dense_out))
+                curve.append((1 - keep / units, err))
+            st.curve = curve
+            log.info(
+                "%s: sensitivity of %s: %s",
+                model,
+                st.plan.name,
+                ", ".join(f"{f:.0%}: {e:.3g}" for f, e in curve),
+            )

@@ -1,0 +1,132 @@
+"""How closely a pruned ONNX model follows its dense original on held-out samples.
+
+:func:`fidelity` runs both models in onnxruntime over the same samples, in batches of the
+models' static batch size (the last batch padded by repeating its last sample, the padded
+outputs dropped), and compares their first outputs per sample:
+
+- ``top-1 agreement`` when the first output is ``(N, classes)`` with more than one class: the
+  share of samples on which both models' argmax is the same class;
+- ``mean cosine`` otherwise: the mean over samples of the cosine between the flattened dense
+  and pruned outputs (1 when both are zero, 0 when only one is).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from ..errors import GraphError, OptionError
+
+TOP1 = "top-1 agreement"
+COSINE = "mean cosine"
+
+
+@dataclass(frozen=True)
+class Fidelity:
+    """One number comparing a pruned model with its dense original."""
+
+    metric: str  # TOP1 or COSINE
+    value: float
+    samples: int
+
+    def __str__(self) -> str:
+        return f"{self.metric} with the dense model {self.value:.3f} ({self.samples} samples)"
+
+
+def fidelity(
+    dense_model: onnx.ModelProto,
+    pruned_model: onnx.ModelProto,
+    samples: dict[str, np.ndarray],
+    *,
+    batch: int,
+    name: str = "model",
+) -> Fidelity:
+    """Compare ``pruned_model`` with ``dense_model`` on ``samples`` (see module doc).
+
+    ``samples`` maps every input name to an array whose leading axis counts the samples
+    (:func:`tvm_qmfrg.calibration_data.load_samples`); ``batch`` is the models' static batch
+    size; ``name`` names the model in messages.
+    """
+    if batch < 1:
+        raise OptionError(f"{name}: validation batch size {batch} must be >= 1")
+    if not samples:
+        raise OptionError(f"{name}: no validation samples")
+    counts = {k: int(a.shape[0]) for k, a in samples.items()}
+    n = next(iter(counts.values()))
+    if n == 0 or len(set(counts.values())) > 1:
+        raise OptionError(f"{name}: validation inputs need one non-zero sample count ({counts})")
+    dense = _first_outputs(dense_model, samples, n, batch, f"{name} (dense)")
+    pruned = _first_outputs(pruned_model, samples, n, batch, f"{name} (pruned)")
+    if dense.shape != pruned.shape:
+        raise GraphError(
+            f"{name}: the pruned model's first output has shape {pruned.shape[1:]} per sample, "
+            f"the dense model's {dense.shape[1:]}"
+        )
+    if dense.ndim == 2 and dense.shape[1] > 1:
+        value = float(np.mean(dense.argmax(axis=1) == pruned.argmax(axis=1)))
+        return Fidelity(TOP1, value, n)
+    return Fidelity(COSINE, _mean_cosine(dense.reshape(n, -1), pruned.reshape(n, -1)), n)
+
+
+def _first_outputs(
+    model: onnx.ModelProto, samples: dict[str, np.ndarray], n: int, batch: int, name: str
+) -> np.ndarray:
+    """The model's first output for every sample, stacked: ``(n, *per-sample shape)``."""
+    run = _session(model, name)
+    chunks = []
+    for start in range(0, n, batch):
+        stop = min(start + batch, n)
+        feed = {}
+        for key, array in samples.items():
+            part = array[start:stop]
+            if stop - start < batch:  # pad the last batch with copies of its last sample
+                pad = np.repeat(part[-1:], batch - (stop - start), axis=0)
+                part = np.concatenate([part, pad], axis=0)
+            feed[key] = part
+        out = np.asarray(run(feed))
+        if out.ndim >= 1 and out.shape[0] == batch:
+            out = out[: stop - start]
+        elif batch == 1:  # no batch axis on the output: the whole output is one sample's
+            out = out[None]
+        else:
+            raise GraphError(
+                f"{name}: first output has shape {out.shape}, not one row per sample of a "
+                f"batch of {batch}"
+            )
+        chunks.append(out)
+    return np.concatenate(chunks, axis=0)
+
+
+def _session(model: onnx.ModelProto, name: str):
+    """One onnxruntime session (CPU) for all batches: ``f(feed) -> first output``; a model it
+    rejects is a :class:`GraphError`, as in :func:`.runtime.run_onnx`."""
+    import onnxruntime as ort
+
+    def failed(exc: Exception) -> GraphError:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return GraphError(f"{name}: onnxruntime cannot run the model: {first}")
+
+    try:
+        sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise failed(exc) from exc
+    first = sess.get_outputs()[0].name
+
+    def run(feed: dict) -> np.ndarray:
+        try:
+            return sess.run([first], feed)[0]
+        except Exception as exc:
+            raise failed(exc) from exc
+
+    return run
+
+
+def _mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
+    dot = np.sum(a * b, axis=1)
+    cos = np.where((na > 0) & (nb > 0), dot / np.maximum(na * nb, np.finfo(np.float64).tiny), 0.0)
+    cos = np.where((na == 0) & (nb == 0), 1.0, cos)
+    return float(np.mean(np.clip(cos, -1.0, 1.0)))

@@ -1,0 +1,317 @@
+"""Data-aware pruning of one group at its mixing consumers (numpy only).
+
+A group's consumer ``c`` (a conv or matmul that mixes the group's features) reads the
+features ``x`` (``F`` of them) and computes ``z = W x`` (kernel taps stacked into the rows of
+``W``). Once the group is pruned to the kept features ``K``, the consumer reads ``x~_K``, the
+kept features *of the network pruned so far*, and is refit so that it computes what it
+computed in the dense network:
+
+    x ~= R x~_K + mu        W' = W R   (kept columns),   b' = b + W mu
+
+``R`` (``F x K``) is the ridge least-squares map, ``mu`` the intercept; kept rows of ``R``
+start from the identity, so a kept feature that drifted upstream is corrected too. The loss
+is the consumer's output error over the calibration samples,
+
+    L_c(K) = E||W (x - R x~_K - mu)||^2 = tr(M (D - C_K^T G_KK^-1 C_K)),
+
+with ``M = W^T W``, ``G = Cov(x~)``, ``C = Cov(x~, x)`` and ``D = Cov(x)`` (:class:`Moments`).
+
+Selection (:func:`select_units`) removes units greedily, OBS-style (Hassibi & Stork 1993;
+Frantar & Alistarh 2022): with ``H = G_KK^-1`` and ``Q = H C_K M C_K^T H``, removing the unit
+``U`` from ``K`` raises ``L_c`` by ``tr(H_UU^-1 Q_UU)``, and ``H`` and ``Q`` are downdated in
+closed form, so the greedy order is exact for a Gaussian model of the features. Every
+consumer's loss is divided by its dense output energy ``tr(M D)``, so the consumers of a
+residual stream count alike.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+SELECTION_RIDGE = 1e-3  # relative to the mean feature variance, while selecting
+RIDGES = (1e-6, 1e-4, 1e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)  # candidates for the refit's ridge
+
+
+@dataclass
+class Moments:
+    """Running sums of paired samples ``(x~, x)``: current and dense features, rows = samples."""
+
+    n: float
+    sx: np.ndarray
+    sy: np.ndarray
+    sxx: np.ndarray
+    sxy: np.ndarray
+    syy: np.ndarray
+
+    @classmethod
+    def empty(cls, features: int) -> Moments:
+        z = np.zeros(features)
+        zz = np.zeros((features, features))
+        return cls(0.0, z, z.copy(), zz, zz.copy(), zz.copy())
+
+    def add(self, current: np.ndarray, dense: np.ndarray) -> None:
+        """Add rows (``current`` and ``dense`` are ``(rows, F)``, the same samples)."""
+        xc = np.asarray(current, np.float64)
+        xd = np.asarray(dense, np.float64)
+        self.n += xc.shape[0]
+        self.sx += xc.sum(axis=0)
+        self.sy += xd.sum(axis=0)
+        self.sxx += xc.T @ xc
+        self.sxy += xc.T @ xd
+        self.syy += xd.T @ xd
+
+    def __add__(self, other: Moments) -> Moments:
+        return Moments(
+            self.n + other.n,
+            self.sx + other.sx,
+            self.sy + other.sy,
+            self.sxx + other.sxx,
+            self.sxy + other.sxy,
+            self.syy + other.syy,
+        )
+
+    def stats(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """``(mean x~, mean x, G, C, D)``: means and (co)variances."""
+        n = max(self.n, 1.0)
+        mx, my = self.sx / n, self.sy / n
+        g = self.sxx / n - np.outer(mx, mx)
+        c = self.sxy / n - np.outer(mx, my)
+        d = self.syy / n - np.outer(my, my)
+        return mx, my, g, c, d
+
+
+@dataclass
+class ConsumerData:
+    """One mixing consumer of a group: its weight Gram and the moments of what it reads.
+
+    ``fit`` and ``held`` hold disjoint calibration samples (the held-out part chooses the
+    refit's ridge); ``gram`` is ``M = sum_taps W_tap^T W_tap`` over the group's features.
+    """
+
+    name: str
+    gram: np.ndarray
+    fit: Moments
+    held: Moments
+
+    @property
+    def all(self) -> Moments:
+        return self.fit + self.held
+
+    @property
+    def rows(self) -> int:
+        return int(self.fit.n + self.held.n)
+
+
+@dataclass
+class Reconstruction:
+    """``x ~= r x~_K + mu`` for one consumer, with the ridge chosen and its held-out loss."""
+
+    consumer: str
+    r: np.ndarray  # (F, K)
+    mu: np.ndarray  # (F,)
+    ridge: float
+    held_out_loss: float  # L_c / tr(M D) on the held-out samples
+
+
+def _energy(gram: np.ndarray, d: np.ndarray) -> float:
+    return max(float(np.sum(gram * d)), 1e-30)
+
+
+def _ridge(g: np.ndarray, rel: float) -> float:
+    return rel * max(float(np.trace(g)) / max(g.shape[0], 1), 1e-12)
+
+
+def _features(units: Sequence[int], unit: int) -> np.ndarray:
+    u = np.asarray(units, dtype=np.int64)
+    return (u[:, None] * unit + np.arange(unit)[None, :]).reshape(-1)
+
+
+def _unit_costs(h: np.ndarray, q: np.ndarray, unit: int) -> np.ndarray:
+    """``tr(H_uu^-1 Q_uu)`` for every unit block on the diagonal."""
+    if unit == 1:
+        return np.diag(q) / np.maximum(np.diag(h), 1e-300)
+    n = h.shape[0] // unit
+    idx = np.arange(n)
+    hb = h.reshape(n, unit, n, unit)[idx, :, idx, :]
+    qb = q.reshape(n, unit, n, unit)[idx, :, idx, :]
+    return np.trace(np.linalg.solve(hb, qb), axis1=1, axis2=2)
+
+
+class _State:
+    """``H`` and ``Q`` of one consumer over the alive features (see module docstring)."""
+
+    def __init__(self, data: ConsumerData, ridge: float):
+        _, _, g, c, d = data.all.stats()
+        self.weight = 1.0 / _energy(data.gram, d)
+        self.h = np.linalg.inv(g + _ridge(g, ridge) * np.eye(g.shape[0]))
+        hc = self.h @ c
+        self.q = hc @ data.gram @ hc.T
+        self.base = self.weight * (
+            _energy(data.gram, d) - float(np.trace(self.h @ (c @ data.gram @ c.T)))
+        )
+
+    def remove(self, idx: np.ndarray, rest: np.ndarray) -> float:
+        """Drop the alive positions ``idx``; return the weighted loss increase."""
+        h_uu = self.h[np.ix_(idx, idx)]
+        q_uu = self.q[np.ix_(idx, idx)]
+        rise = float(np.trace(np.linalg.solve(h_uu, q_uu)))
+        a = np.linalg.solve(h_uu, self.h[np.ix_(idx, rest)]).T  # H_rU H_UU^-1
+        q_ru = self.q[np.ix_(rest, idx)]
+        q = self.q[np.ix_(rest, rest)] - a @ q_ru.T - q_ru @ a.T + a @ q_uu @ a.T
+        self.h = self.h[np.ix_(rest, rest)] - a @ self.h[np.ix_(idx, rest)]
+        self.q = 0.5 * (q + q.T)
+        return self.weight * max(rise, 0.0)
+
+
+def select_units(
+    consumers: Sequence[ConsumerData],
+    unit: int,
+    keep: int,
+    *,
+    ridge: float = SELECTION_RIDGE,
+    batch_fraction: float = 0.1,
+) -> tuple[list[int], list[tuple[int, float]]]:
+    """Keep ``keep`` units minimizing the consumers' summed relative output loss.
+
+    Greedy backward elimination: each step removes the ``max(1, batch_fraction * left)``
+    cheapest units by their single-unit cost, as one block (the downdate is exact for the
+    block). Returns the kept units (sorted) and the loss curve ``[(removed units, loss)]``,
+    loss = ``sum_c L_c / tr(M_c D_c)``, starting at zero removed (the loss of upstream drift
+    alone).
+    """
+    features = consumers[0].gram.shape[0]
+    units = features // unit
+    if not 0 <= keep <= units:
+        raise ValueError(f"keep={keep} is outside [0, {units}]")
+    states = [_State(c, ridge) for c in consumers]
+    alive = list(range(units))
+    loss = float(sum(s.base for s in states))
+    curve = [(0, loss)]
+    while len(alive) > keep:
+        costs = sum(s.weight * _unit_costs(s.h, s.q, unit) for s in states)
+        left = len(alive) - keep
+        take = max(1, min(left, int(batch_fraction * left)))
+        drop = set(np.argsort(costs, kind="stable")[:take].tolist())
+        idx = _features([i for i in range(len(alive)) if i in drop], unit)
+        rest = _features([i for i in range(len(alive)) if i not in drop], unit)
+        loss += sum(s.remove(idx, rest) for s in states)
+        alive = [u for i, u in enumerate(alive) if i not in drop]
+        curve.append((units - len(alive), loss))
+    return sorted(alive), curve
+
+
+def _solve(g_kk: np.ndarray, c_k: np.ndarray, r0: np.ndarray, lam: float) -> np.ndarray:
+    """``R = (C_K^T + lam R0)(G_KK + lam I)^-1``: ridge towards ``R0``."""
+    lhs = g_kk + lam * np.eye(g_kk.shape[0])
+    return np.linalg.solve(lhs, (c_k + lam * r0.T)).T
+
+
+def _loss(m: Moments, gram: np.ndarray, kept: np.ndarray, r: np.ndarray, mu: np.ndarray) -> float:
+    """``E||W (x - R x~_K - mu)||^2 / tr(M D)`` on the samples of ``m``."""
+    mx, my, g, c, d = m.stats()
+    cov = d - r @ c[kept] - c[kept].T @ r.T + r @ g[np.ix_(kept, kept)] @ r.T
+    mean = my - r @ mx[kept] - mu
+    return (float(np.sum(gram * cov)) + float(mean @ gram @ mean)) / _energy(gram, d)
+
+
+def reconstruct(
+    data: ConsumerData, kept: np.ndarray, ridges: Sequence[float] = RIDGES
+) -> Reconstruction:
+    """The refit of one consumer on the kept features ``kept``.
+
+    Each ridge of ``ridges`` (relative to the mean kept-feature variance) is fit on
+    ``data.fit`` and scored on ``data.held``; the best is refit on all samples. Without
+    held-out samples the smallest ridge is used.
+    """
+    kept = np.asarray(kept, dtype=np.int64)
+    features = data.gram.shape[0]
+    r0 = np.zeros((features, kept.size))
+    r0[kept, np.arange(kept.size)] = 1.0
+
+    def fit(m: Moments, rel: float) -> tuple[np.ndarray, np.ndarray]:
+        mx, my, g, c, _ = m.stats()
+        g_kk = g[np.ix_(kept, kept)]
+        r = _solve(g_kk, c[kept], r0, _ridge(g_kk, rel))
+        return r, my - r @ mx[kept]
+
+    best_rel, best_loss = ridges[0], float("nan")
+    if data.held.n > 0 and data.fit.n > 0 and len(ridges) > 1:
+        scores = [(_loss(data.held, data.gram, kept, *fit(data.fit, rel)), rel) for rel in ridges]
+        best_loss, best_rel = min(scores)
+    r, mu = fit(data.all, best_rel)
+    return Reconstruction(data.name, r, mu, best_rel, best_loss)
+
+
+def allocate(
+    curves: Sequence[Sequence[tuple[float, float]]],
+    units: Sequence[int],
+    flops,
+    target: float,
+    mins: Sequence[int],
+    steps: Sequence[int],
+    chunk: float = 0.02,
+) -> list[int]:
+    """Kept units per group that reach ``target`` FLOPs reduction at the least summed loss.
+
+    ``curves[g]`` is the measured loss of pruning group ``g`` alone as ``[(fraction of units
+    removed, loss)]`` (made non-decreasing and interpolated linearly, zero at zero);
+    ``flops`` is a :class:`~tvm_qmfrg.selection.FlopsModel`. Greedy on the marginal loss per
+    FLOP removed, in chunks of ``chunk`` of a group's units (at least its ``steps``).
+    """
+    n = len(units)
+    keep = list(units)
+    total = flops.total
+    if total <= 0:
+        return keep
+    ops_of = flops.ops_of(n)
+    fr, err = [], []
+    for curve in curves:
+        pts = sorted([(0.0, 0.0), *[(float(a), float(b)) for a, b in curve]])
+        fr.append(np.array([p[0] for p in pts]))
+        err.append(np.maximum.accumulate(np.maximum([p[1] for p in pts], 0.0)))
+
+    def loss(g: int, k: int) -> float:
+        x = 1.0 - k / units[g]
+        if x <= fr[g][-1]:
+            return float(np.interp(x, fr[g], err[g]))
+        slope = (
+            (err[g][-1] - err[g][-2]) / max(fr[g][-1] - fr[g][-2], 1e-9) if fr[g].size > 1 else 0
+        )
+        return float(err[g][-1] + max(slope, 0.0) * (x - fr[g][-1]))
+
+    def group_flops(g: int, kk: list[int]) -> float:
+        return sum(flops.op_flops(i, kk) for i in ops_of[g])
+
+    current = flops.flops(keep)
+    while 1.0 - current / total < target:
+        fine = target - (1.0 - current / total) < chunk  # close to the target: one step
+        best = None
+        for g in range(n):
+            step = steps[g] if fine else max(steps[g], int(chunk * units[g]) // steps[g] * steps[g])
+            new = keep[g] - step
+            new -= new % steps[g]
+            low = -(-mins[g] // steps[g]) * steps[g]
+            new = max(new, low)
+            if new >= keep[g]:
+                continue
+            trial = keep.copy()
+            trial[g] = new
+            saved = group_flops(g, keep) - group_flops(g, trial)
+            if saved <= 0:
+                continue
+            score = (loss(g, new) - loss(g, keep[g])) / saved
+            if best is None or score < best[0]:
+                best = (score, g, new, saved)
+        if best is None:
+            log.warning("sensitivity allocation: every group is at its minimum")
+            break
+        _, g, new, saved = best
+        keep[g] = new
+        current -= saved
+    return keep
