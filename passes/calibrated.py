@@ -42,9 +42,10 @@ log = logging.getLogger(__name__)
 
 HELD_OUT_EVERY = 5  # every 5th calibration sample scores the ridge candidates
 ROW_BUDGET = 65536  # activation rows per consumer (spatial positions / tokens subsampled)
-SENSITIVITY_FRACTIONS = (0.25, 0.5, 0.75)
-SENSITIVITY_SAMPLES = 64
+SENSITIVITY_FRACTIONS = (0.25, 0.5, 0.75, 0.9)
+SENSITIVITY_SAMPLES = 32
 MOMENT_BYTES = 1 << 30  # moments collected in one engine pass, at most
+DENSE_CACHE_BYTES = 1 << 30  # dense activations kept between passes, at most
 
 
 @dataclass
@@ -67,7 +68,9 @@ class Stage:
     plan: GroupPlan
     reads: list[Read]
     keep: int  # units to keep
+    first_producer: int  # position of the group's first producer in ``main``
     curve: list[tuple[float, float]] = field(default_factory=list)
+    stale: set = field(default_factory=set)  # reads whose input a later stage changes
 
 
 def consumer_reads(analysis: ChannelAnalysis, values: dict, space_id: int, order: dict):
@@ -165,6 +168,25 @@ class _Engine:
         self.input_names = [p.name for p in self.func.params]
         self.onnx = onnx_model
         self.kind = "onnxruntime" if onnx_model is not None else "tvm"
+        self.cache: dict[tuple[int, str], np.ndarray] = {}  # (batch id, tensor) -> dense
+        self.cached_bytes = 0
+
+    def dense(self, wanted: Sequence[relax.Var], data: Sequence[Batch]):
+        """:meth:`run` of the dense model, from the cache when every value is in it."""
+        names = [v.name for v in wanted]
+        if all((id(b), n) in self.cache for b in data for n in names):
+            for b in data:
+                yield b, [self.cache[id(b), n] for n in names], None
+            return
+        for b, acts, out in self.run({}, wanted, data):
+            for n, a in zip(names, acts):
+                if (
+                    id(b),
+                    n,
+                ) not in self.cache and self.cached_bytes + a.nbytes <= DENSE_CACHE_BYTES:
+                    self.cache[id(b), n] = a
+                    self.cached_bytes += a.nbytes
+            yield b, acts, out
 
     def masked(self, decided: dict) -> tvm.IRModule:
         if not decided:
@@ -304,14 +326,14 @@ def collect(
     slot = {v: i for i, v in enumerate(wanted)}
     out = [
         rec.ConsumerData(
-            names.get(r.consumer, r.consumer.name),
+            r.consumer.name,  # the binding the refit folds into (rewrite matches it)
             r.gram,
             rec.Moments.empty(r.seg.features),
             rec.Moments.empty(r.seg.features),
         )
         for r in reads
     ]
-    dense_runs = engine.run({}, wanted, data)
+    dense_runs = engine.dense(wanted, data)
     current_runs = engine.run(decided, wanted, data) if decided else None
     for b, dense, _ in dense_runs:
         current = next(current_runs)[1] if current_runs is not None else dense
@@ -323,7 +345,8 @@ def collect(
                     continue
                 sub = Batch(np.where(part, b.ids, -1), b.inputs)
                 idx = _row_filter(r, a_d, sub, rows)
-                moments.add(features(a_c, r)[idx], features(a_d, r)[idx])
+                f_d = features(a_d, r)[idx]
+                moments.add(f_d if a_c is a_d else features(a_c, r)[idx], f_d)
     return out
 
 
@@ -334,23 +357,39 @@ def _output_error(got: np.ndarray, want: np.ndarray) -> float:
 
 
 # ---- the pass --------------------------------------------------------------------------
-def _plan_of(stage: Stage, kept_units: Sequence[int], datas, model: str) -> GroupPlan:
+def _few_rows(d: rec.ConsumerData, kept: int, group: str, model: str) -> None:
+    if d.rows < 2 * kept:
+        log.warning(
+            "%s: group %s: consumer %s is refit on %d rows for %d kept features; "
+            "give more calibration samples",
+            model,
+            group,
+            d.name,
+            d.rows,
+            kept,
+        )
+
+
+def _plan_of(
+    stage: Stage,
+    kept_units: Sequence[int],
+    datas,
+    model: str,
+    settings: CalibrationSettings,
+    final: bool = False,
+) -> GroupPlan:
+    """The group's plan with every consumer refit; ``final``: the ridge is chosen on held-out
+    samples and too few rows are reported (intermediate refits use the selection ridge)."""
     gp = stage.plan
     u = gp.unit
     kept_f = np.array([f for k in kept_units for f in range(k * u, (k + 1) * u)])
     refits = []
-    for d in datas:
-        if d.rows < 2 * kept_f.size:
-            log.warning(
-                "%s: group %s: consumer %s is refit on %d rows for %d kept features; "
-                "give more calibration samples",
-                model,
-                gp.name,
-                d.name,
-                d.rows,
-                kept_f.size,
-            )
-        fit = rec.reconstruct(d, kept_f)
+    for k, d in enumerate(datas if settings.reconstruct else []):
+        last = final and k not in stage.stale  # a stale read is refit by _refine
+        if last:
+            _few_rows(d, kept_f.size, gp.name, model)
+        ridges = settings.ridges if last else (settings.ridge or rec.SELECTION_RIDGE,)
+        fit = rec.reconstruct(d, kept_f, ridges)
         refits.append(Refit(d.name, fit.r.astype(np.float32), fit.mu))
     return GroupPlan(gp.name, gp.producers, gp.channels, u, sorted(kept_units), [], {}, refits)
 
@@ -362,6 +401,12 @@ class CalibrationSettings:
     selection: str  # "activations" | "criterion"
     sequential: bool
     allocation: str  # "sensitivity" | anything else: keep the given counts
+    reconstruct: bool = True
+    ridge: float | None = None  # None: chosen on held-out samples
+
+    @property
+    def ridges(self) -> tuple[float, ...]:
+        return rec.RIDGES if self.ridge is None else (self.ridge,)
 
 
 def calibrate_plans(
@@ -397,7 +442,8 @@ def calibrate_plans(
     for sid, gp in plans:
         reads = consumer_reads(analysis, values, sid, order)
         if reads:
-            stages.append(Stage(sid, gp, reads, len(gp.kept)))
+            first = min(order[p.var] for p in analysis.spaces_by_id[sid].producers)
+            stages.append(Stage(sid, gp, reads, len(gp.kept), first))
         else:
             log.info("%s: group %s has no consumer to refit; kept as decided", model, gp.name)
     all_reads = [r for st in stages for r in st.reads]
@@ -412,20 +458,23 @@ def calibrate_plans(
         engine.kind,
     )
     if allocate is not None and stages:
-        _measure_curves(engine, stages, data, rows, names, model)
+        _measure_curves(engine, stages, data, rows, names, model, settings)
         keep = allocate([st.curve for st in stages])
         for st, k in zip(stages, keep):
             st.keep = k
     stages.sort(key=lambda st: min(r.order for r in st.reads))
+    if settings.sequential:  # a read runs after a group decided later: refit it at the end
+        for i, st in enumerate(stages):
+            later = [x.first_producer for x in stages[i + 1 :]]
+            st.stale = {k for k, r in enumerate(st.reads) if any(p < r.order for p in later)}
     decided: dict = {}
-    dense_only = not settings.sequential
     for i, st in enumerate(stages):
-        datas = collect(engine, {} if dense_only else decided, st.reads, data, rows, names)
+        datas = collect(engine, decided if settings.sequential else {}, st.reads, data, rows, names)
         if settings.selection == "activations":
             kept, _ = rec.select_units(datas, st.plan.unit, st.keep)
         else:
             kept = list(st.plan.kept)
-        decided[st.space] = _plan_of(st, kept, datas, model)
+        decided[st.space] = _plan_of(st, kept, datas, model, settings, final=True)
         log.info(
             "%s: [%d/%d] %s keeps %d of %d units (%.1f s)",
             model,
@@ -436,17 +485,20 @@ def calibrate_plans(
             st.plan.units,
             time.perf_counter() - t0,
         )
-    if settings.sequential:
-        _refine(engine, stages, decided, data, rows, names, model)
+    if settings.sequential and settings.reconstruct:
+        _refine(engine, stages, decided, data, rows, names, model, settings)
     log.info("%s: calibrated pruning done in %.1f s", model, time.perf_counter() - t0)
     by_space = {st.space: decided[st.space] for st in stages}
     return [by_space.get(sid, gp) for sid, gp in plans]
 
 
-def _refine(engine, stages, decided, data, rows, names, model) -> None:
+def _refine(engine, stages, decided, data, rows, names, model, settings) -> None:
     """Refit every consumer once more, in the order the consumers run, on the activations of
     the network with every group pruned (and the consumers before it refit again)."""
-    reads = sorted(((r, st) for st in stages for r in st.reads), key=lambda rs: rs[0].order)
+    reads = sorted(
+        ((r, st) for st in stages for k, r in enumerate(st.reads) if k in st.stale),
+        key=lambda rs: rs[0].order,
+    )
     waves: list[list[tuple[Read, Stage]]] = []
     done_inputs: set = set()
     for r, st in reads:  # consumers reading the same tensor are refit together
@@ -461,13 +513,14 @@ def _refine(engine, stages, decided, data, rows, names, model) -> None:
             gp = decided[st.space]
             u = gp.unit
             kept_f = np.array([f for k in gp.kept for f in range(k * u, (k + 1) * u)])
-            fit = rec.reconstruct(d, kept_f)
+            _few_rows(d, kept_f.size, gp.name, model)
+            fit = rec.reconstruct(d, kept_f, settings.ridges)
             gp.refits = [rf for rf in gp.refits if rf.consumer != d.name]
             gp.refits.append(Refit(d.name, fit.r.astype(np.float32), fit.mu))
     log.info("%s: refit %d consumers on the pruned network", model, len(reads))
 
 
-def _measure_curves(engine, stages, data, rows, names, model) -> None:
+def _measure_curves(engine, stages, data, rows, names, model, settings) -> None:
     """Each group pruned alone (activation selection + refit on dense activations) by
     :data:`SENSITIVITY_FRACTIONS`: the relative output error on the first samples."""
     subset = []
@@ -495,13 +548,14 @@ def _measure_curves(engine, stages, data, rows, names, model) -> None:
             mine = datas[k : k + len(st.reads)]
             k += len(st.reads)
             units = st.plan.units
+            keeps = sorted(
+                {max(1, units - int(round(f * units))) for f in SENSITIVITY_FRACTIONS} - {units},
+                reverse=True,
+            )
+            paths, _ = rec.select_path(mine, st.plan.unit, keeps) if keeps else ([], [])
             curve = []
-            for frac in SENSITIVITY_FRACTIONS:
-                keep = max(1, units - int(round(frac * units)))
-                if keep >= units:
-                    continue
-                kept, _ = rec.select_units(mine, st.plan.unit, keep)
-                trial = {st.space: _plan_of(st, kept, mine, model)}
+            for keep, kept in zip(keeps, paths):
+                trial = {st.space: _plan_of(st, kept, mine, model, settings)}
                 got = [out for _, _, out in engine.run(trial, [], subset)]
                 err = _output_error(np.concatenate(got), np.concatenate(dense_out))
                 curve.append((1 - keep / units, err))

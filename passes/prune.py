@@ -232,8 +232,15 @@ def prune_module(
         compensation, default on for ``qmfrg``), ``min_channels``, ``round_to``, ``seed``.
     calibration
         Input samples (an array, a list of them, or a dict by input name; leading axis =
-        samples): every pruned group's consumers are refit by least squares on the
-        activations they read.
+        samples, run in batches of the module's static batch): calibrated pruning
+        (:mod:`.calibrated`): each group keeps the units that best reconstruct its mixing
+        consumers' outputs, the consumers are refit on the activations of the network
+        pruned upstream, and ``allocation='auto'`` spreads a FLOPs budget by measured
+        sensitivity.
+    onnx_model
+        The ONNX model ``mod`` was imported from by :mod:`tvm_qmfrg.passes.importer` (with
+        :func:`~.onnx_io.import_model`: ``imported.prepared.model``): calibration activations
+        are then collected by onnxruntime, much faster than an untuned TVM build.
     model
         The model's name in messages and in the plan.
     names
@@ -409,7 +416,9 @@ def _calibrate(
         def allocate(curves):
             return reconstruction.allocate(curves, units, flops, opts.flops_reduction, mins, steps)
 
-    settings = calibrated.CalibrationSettings(opts.selection, opts.sequential, allocation)
+    settings = calibrated.CalibrationSettings(
+        opts.selection, opts.sequential, allocation, opts.reconstruct, opts.ridge
+    )
     return calibrated.calibrate_plans(
         norm_mod,
         analysis,
@@ -487,7 +496,7 @@ class QMFRGPrune:
     options
         A :class:`~tvm_qmfrg.options.PruneOptions`, or its fields as keyword arguments
         (validated here, before TVM's pass machinery runs).
-    calibration, names, model, params
+    calibration, onnx_model, names, model, params
         As in :func:`prune_module`.
     plan
         Apply this saved plan instead of deciding (the pass :class:`ApplyPruningPlan`).
@@ -498,6 +507,7 @@ class QMFRGPrune:
         options: PruneOptions | None = None,
         *,
         calibration=None,
+        onnx_model=None,
         names: Sequence[str] | None = None,
         model: str = "model",
         plan: PruningPlan | None = None,
@@ -511,6 +521,7 @@ class QMFRGPrune:
         else:
             self.options = _options(options, option_values)
         self.calibration = calibration
+        self.onnx_model = onnx_model
         self.names = names
         self.model = model
         self.params = params
@@ -529,6 +540,7 @@ class QMFRGPrune:
             mod,
             self.options,
             calibration=self.calibration,
+            onnx_model=self.onnx_model,
             model=self.model,
             names=self.names,
             params=self.params,

@@ -1,12 +1,24 @@
-"""Data-aware mode: least-squares refits from calibration activations."""
+"""Calibrated pruning on Relax modules: where refits go, what the engines see, what it buys."""
+
+import logging
 
 import numpy as np
 import pytest
-from helpers import compiled, load
-from tvm_qmfrg.passes.calibrate import refit
-from tvm_qmfrg.passes.prune import QMFRGPrune
+from helpers import compiled, input_shape, load
+from tvm_qmfrg.passes import calibrated
+from tvm_qmfrg.passes.channels import analyze_channels, producer_names
+from tvm_qmfrg.passes.normalize import normalize
+from tvm_qmfrg.passes.prune import (
+    QMFRGPrune,
+    _binding_values,
+    apply_plan,
+    producer_name,
+    prune_module,
+)
+from tvm_qmfrg.passes.rewrite import Rewriter, plan_edits
 
 from tvm_qmfrg import OptionError, synthetic
+from tvm_qmfrg.plan import PruningPlan
 from tvm_qmfrg.synthetic import GraphBuilder
 
 
@@ -25,48 +37,178 @@ def samples(n, shape, seed):
     return np.random.default_rng(seed).standard_normal((n, *shape[1:])).astype(np.float32)
 
 
-def test_refit_recovers_an_exact_linear_dependence():
-    rng = np.random.default_rng(0)
-    kept = rng.standard_normal((500, 4))
-    r_true = rng.standard_normal((2, 4))
-    acts = np.concatenate([kept, kept @ r_true.T + np.array([0.5, -1.0])], axis=1)
-    r, mu = refit(acts, np.arange(4), np.array([4, 5]))
-    np.testing.assert_allclose(r, r_true, atol=1e-3)
-    np.testing.assert_allclose(mu, [0.5, -1.0], atol=1e-3)
+def output_error(mod, dense_mod, test):
+    f, dense = compiled(mod), compiled(dense_mod)
+    return float(np.mean([np.sum((f(x[None]) - dense(x[None])) ** 2) for x in test]))
 
 
 def test_calibrated_pruning_is_exact_when_pruned_channels_are_linear_combinations():
     model = low_rank_linear_net()
     mod = load(model)
     calib = samples(64, (1, 8), seed=1)
-    prune = QMFRGPrune(criterion="magnitude", sparsity=0.6, calibration=calib)
+    prune = QMFRGPrune(sparsity=0.6, calibration=calib, onnx_model=model)
     pruned = prune(mod)
-    assert prune.plan.groups[0].kept_channels == 7 and prune.plan.groups[0].refit
+    group = prune.plan.groups[0]
+    assert group.kept_channels == 7 and [r.consumer for r in group.refits]
     f_pruned, f_dense = compiled(pruned), compiled(mod)
     for x in samples(5, (1, 8), seed=2):
         np.testing.assert_allclose(f_pruned(x[None]), f_dense(x[None]), rtol=1e-3, atol=1e-3)
 
 
-@pytest.mark.parametrize("family", ["vgg", "resnet_cifar"])
-def test_calibration_lowers_the_output_error(family):
+@pytest.mark.parametrize("family", ["vgg", "resnet_cifar", "mobilenet_v2"])
+def test_calibration_lowers_the_output_error_at_a_flops_cut(family):
     model = getattr(synthetic, family)(seed=6)
     mod = load(model)
-    shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
-    calib, test = samples(48, shape, 3), samples(8, shape, 4)
-    plain = QMFRGPrune(sparsity=0.4)(mod)
-    fitted = QMFRGPrune(sparsity=0.4, calibration=calib)(mod)
+    shape = input_shape(model)
+    calib, test = samples(64, shape, 3), samples(8, shape, 4)
+    plain = QMFRGPrune(flops_reduction=0.4)(mod)
+    fitted = QMFRGPrune(flops_reduction=0.4, calibration=calib, onnx_model=model)(mod)
+    assert output_error(fitted, mod, test) < 0.5 * output_error(plain, mod, test)
 
-    dense = compiled(mod)
-    ref = [dense(x[None]) for x in test]
 
-    def err(m):
-        f = compiled(m)
-        return np.mean([np.sum((f(x[None]) - r) ** 2) for x, r in zip(test, ref)])
+def test_refits_go_to_the_first_consumer_that_mixes_channels_past_depthwise_and_relu6():
+    model = synthetic.mobilenet_v2(seed=1)
+    mod = load(model)
+    plan, _ = prune_module(
+        mod, flops_reduction=0.3, calibration=samples(16, input_shape(model), 0), onnx_model=model
+    )
+    func = mod["main"]
+    calls = {name: value for name, value in _names_and_calls(func)}
+    consumers = [rf.consumer for g in plan.groups for rf in g.refits]
+    assert consumers
+    for name in consumers:
+        call = calls[name]
+        assert call.op.name in ("relax.nn.conv2d", "relax.matmul")
+        if call.op.name == "relax.nn.conv2d":
+            assert int(call.attrs.groups) == 1, f"{name} is a depthwise conv"
 
-    assert err(fitted) < err(plain)
+
+def _names_and_calls(func):
+    for block in func.body.blocks:
+        for b in block.bindings:
+            yield b.var.name, b.value
+
+
+def test_the_masked_graph_computes_what_the_pruned_graph_computes():
+    model = synthetic.resnet_cifar(seed=2)
+    mod = normalize(load(model))
+    plan, pruned = prune_module(
+        mod, flops_reduction=0.4, calibration=samples(16, input_shape(model), 0), onnx_model=model
+    )
+    func = mod["main"]
+    analysis = analyze_channels(func, "resnet_cifar")
+    by_name = {g.name: g for g in plan.groups}
+    decided = {}
+    names = producer_names(func, None)
+    for sp in analysis.prunable():
+        gp = by_name.get(producer_name(sp.producers[0], names))
+        if gp is not None:
+            decided[sp.id] = gp
+    assert decided
+    masked = Rewriter(mod, plan_edits(analysis, decided, mask=True), analysis, decided).transform()
+    x = samples(3, input_shape(model), 9)
+    f_masked, f_pruned = compiled(masked), compiled(pruned)
+    for xi in x:
+        np.testing.assert_allclose(f_masked(xi[None]), f_pruned(xi[None]), rtol=1e-4, atol=1e-4)
+
+
+def test_onnxruntime_and_tvm_collect_the_same_activation_moments():
+    model = synthetic.vgg(seed=3)
+    mod = load(model)
+    func = mod["main"]
+    analysis = analyze_channels(func, "vgg")
+    values = _binding_values(func)
+    order = {b.var: i for i, b in enumerate(b for blk in func.body.blocks for b in blk.bindings)}
+    reads = [
+        r
+        for sp in analysis.prunable()
+        for r in calibrated.consumer_reads(analysis, values, sp.id, order)
+    ]
+    data, _ = calibrated.batches(samples(6, input_shape(model), 1), func, "vgg")
+    rows = calibrated._Rows(per_sample=10**6)
+    ort = calibrated.pick_engine(mod, analysis, model, reads, "vgg")
+    tvm_engine = calibrated.pick_engine(mod, analysis, None, reads, "vgg")
+    assert (ort.kind, tvm_engine.kind) == ("onnxruntime", "tvm")
+    a = calibrated.collect(ort, {}, reads, data, rows, {})
+    b = calibrated.collect(tvm_engine, {}, reads, data, rows, {})
+    for x, y in zip(a, b):
+        assert x.rows == y.rows > 0
+        for s, t in zip(x.all.stats(), y.all.stats()):
+            np.testing.assert_allclose(s, t, rtol=1e-3, atol=1e-4)
+
+
+def test_a_calibrated_plan_saved_and_loaded_rewrites_the_same_model(tmp_path):
+    model = synthetic.resnet_cifar(seed=4)
+    mod = load(model)
+    plan, pruned = prune_module(
+        mod, flops_reduction=0.3, calibration=samples(16, input_shape(model), 0), onnx_model=model
+    )
+    assert any(g.refits for g in plan.groups)
+    plan.save(tmp_path / "plan.json")
+    again = apply_plan(mod, PruningPlan.load(tmp_path / "plan.json"))
+    x = samples(2, input_shape(model), 5)
+    f1, f2 = compiled(pruned), compiled(again)
+    for xi in x:
+        np.testing.assert_allclose(f1(xi[None]), f2(xi[None]), rtol=1e-4, atol=1e-4)
+
+
+def test_padded_token_rows_are_left_out_of_the_moments():
+    read = calibrated.Read(None, None, _site(axis=2, size=4), _seg(4), np.eye(4), 0)
+    act = np.arange(2 * 3 * 4, dtype=float).reshape(2, 3, 4)
+    mask = np.array([[1, 1, 0], [1, 0, 0]])
+    batch = calibrated.Batch(np.array([0, 1]), [np.zeros((2, 3)), mask])
+    idx = calibrated._row_filter(read, act, batch, calibrated._Rows(100, 0, mask_input=1))
+    assert idx.tolist() == [0, 1, 3]
+
+
+def _site(axis, size):
+    from fractions import Fraction
+
+    from tvm_qmfrg.passes.channels import Layout, Segment, Site
+
+    return Site("consumer", 1, 0, Layout(axis, size, (Segment(0, 0, size, Fraction(1)),)), 1)
+
+
+def _seg(size):
+    from fractions import Fraction
+
+    from tvm_qmfrg.passes.channels import Segment
+
+    return Segment(0, 0, size, Fraction(1))
+
+
+def test_samples_that_do_not_fill_the_last_batch_are_padded_and_not_counted():
+    from tvm_qmfrg.passes.importer import import_onnx
+
+    mod = import_onnx(synthetic.mlp(seed=0), {"input": [4, 32]})
+    data, n = calibrated.batches(samples(5, [4, 32], 0), mod["main"], "mlp")
+    assert n == 5
+    assert [b.ids.tolist() for b in data] == [[0, 1, 2, 3], [4, -1, -1, -1]]
+    assert all(b.inputs[0].shape == (4, 32) for b in data)
+
+
+def test_too_few_samples_for_the_kept_features_is_a_warning(caplog):
+    model = synthetic.mlp(seed=0)
+    mod = load(model)
+    with caplog.at_level(logging.WARNING, logger="tvm_qmfrg"):
+        prune_module(mod, sparsity=0.25, calibration=samples(4, input_shape(model), 0))
+    assert "give more calibration samples" in caplog.text
+
+
+def test_sensitivity_allocation_without_calibration_is_a_clear_error():
+    mod = load(synthetic.mlp(seed=0))
+    with pytest.raises(OptionError, match="sensitivity.*calibration"):
+        prune_module(mod, flops_reduction=0.3, allocation="sensitivity")
 
 
 def test_calibration_shape_mismatch_is_a_clear_error():
     mod = load(synthetic.mlp(seed=0))
-    with pytest.raises(OptionError, match="calibration input for 'input' has shape"):
+    with pytest.raises(OptionError, match="calibration input 'input' has shape"):
         QMFRGPrune(sparsity=0.3, calibration=np.zeros((4, 7), np.float32))(mod)
+
+
+def test_calibration_with_nan_is_a_clear_error():
+    mod = load(synthetic.mlp(seed=0))
+    bad = np.full((4, 32), np.nan, np.float32)
+    with pytest.raises(OptionError, match="NaN or Inf"):
+        prune_module(mod, sparsity=0.3, calibration=bad)

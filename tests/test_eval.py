@@ -46,6 +46,8 @@ def test_eval_on_a_tiny_grid_writes_its_report(tmp_path):
             "digits,minilm",
             "--ffn-sparsity",
             "",
+            "--ablations",
+            "",
             "--out",
             str(out),
         ],
@@ -67,6 +69,40 @@ def test_eval_on_a_tiny_grid_writes_its_report(tmp_path):
     for png in ("quality_vs_flops.png", "spectra_most_least_redundant.png", "qmfrg_heatmap.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert png in report
+
+
+def test_eval_runs_calibrated_pruning_and_its_ablation_rows_on_digits(tmp_path):
+    out = tmp_path / "eval"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tvm_qmfrg.cli",
+            "eval",
+            "--reductions",
+            "0.5",
+            "--criteria",
+            "qmfrg,qmfrg+cal",
+            "--models",
+            "digits",
+            "--ablations",
+            "seq,sens",
+            "--ablation-reductions",
+            "0.5",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    cells = {c["criterion"]: c for c in json.loads((out / "results.json").read_text())["digits"]}
+    assert set(cells) == {"dense", "qmfrg", "qmfrg+cal", "qmfrg+cal-seq", "qmfrg+cal-sens"}
+    assert cells["qmfrg+cal"]["allocation"] == "sensitivity"
+    assert cells["qmfrg+cal-sens"]["allocation"] == "uniform"
+    assert cells["qmfrg"]["allocation"] == "uniform"
+    assert cells["qmfrg+cal"]["test_accuracy"] > cells["qmfrg"]["test_accuracy"]
+    assert "qmfrg+cal-seq" in (out / "report.md").read_text()
 
 
 def test_eval_rejects_an_unknown_model(tmp_path):

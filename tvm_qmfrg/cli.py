@@ -136,7 +136,7 @@ def add_prune_options(p: argparse.ArgumentParser, *, required: bool) -> None:
     """The pruning options (:class:`~tvm_qmfrg.options.PruneOptions`) of ``prune`` and
     ``compile``; choices come from the criteria and allocation registries."""
     from .criteria import CRITERIA
-    from .selection import ALLOCATIONS
+    from .options import ALLOCATIONS
 
     target = p.add_mutually_exclusive_group(required=required)
     target.add_argument(
@@ -173,9 +173,11 @@ def add_prune_options(p: argparse.ArgumentParser, *, required: bool) -> None:
     p.add_argument(
         "--allocation",
         choices=list(ALLOCATIONS),
-        default="uniform",
-        help="FLOPs budget across layers: the same fraction of every group (uniform, "
-        "default) or one ranking of the criterion's normalized costs (global)",
+        default="auto",
+        help="FLOPs budget across layers: the same fraction of every group (uniform), one "
+        "ranking of the criterion's normalized costs (global), or by each group's measured "
+        "effect on the output (sensitivity, needs --calibration); default auto: sensitivity "
+        "with --calibration, else uniform",
     )
     p.add_argument(
         "--protect",
@@ -356,7 +358,8 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         print(substitute.report.table())
     onnx_model = None
     if args.output or validation is not None:
-        print("writing back to ONNX and checking it in onnxruntime against TVM ...", flush=True)
+        why = "" if args.output else " for validation"
+        print(f"writing back to ONNX{why}, checking it in onnxruntime against TVM ...", flush=True)
         if kinds:  # substitution changes the graph's structure: emit it from Relax
             outputs = [o.name for o in model.graph.output]
             onnx_model = export_onnx(pruned, model_name=imported.name, output_names=outputs)
@@ -438,6 +441,17 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         default="qmfrg,qmfrg+cal,spectral,magnitude,random,fpgm",
         help="comma-separated criteria; NAME+cal uses calibration data",
     )
+    p.add_argument(
+        "--ablations",
+        default="select,refit,seq,sens,ridge",
+        help="parts of calibrated pruning to switch off one at a time (qmfrg+cal-X rows): "
+        "select, refit, seq, sens, ridge (default all; '' none)",
+    )
+    p.add_argument(
+        "--ablation-reductions",
+        default="0.3",
+        help="FLOPs reductions of the ablation rows (default 0.3)",
+    )
     p.add_argument("--seeds", type=int, default=3, help="seeds of the random criterion")
     p.add_argument(
         "--models",
@@ -446,9 +460,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--allocations",
-        default="uniform",
+        default="auto",
         help="digits: FLOPs allocation(s); several = chosen per cell on the validation split "
-        "(default uniform)",
+        "(default auto: uniform data-free, sensitivity calibrated)",
     )
     p.add_argument(
         "--ffn-sparsity",
@@ -483,13 +497,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     reductions = _floats(args.reductions, "--reductions")
     ffn = _floats(args.ffn_sparsity, "--ffn-sparsity")
     criteria = [c for c in args.criteria.split(",") if c]
-    for c in criteria:
+    ablated = [f"qmfrg+cal-{a}" for a in args.ablations.split(",") if a]
+    for c in criteria + ablated:
         criteria_variant(c)
+    ablation_at = _floats(args.ablation_reductions, "--ablation-reductions")
     if args.seeds < 1:
         raise OptionError(f"--seeds {args.seeds} must be >= 1")
     allocations = [a for a in args.allocations.split(",") if a]
-    if not allocations or set(allocations) - {"uniform", "global"}:
-        raise OptionError(f"--allocations {args.allocations}: choose from uniform, global")
+    if not allocations or set(allocations) - {"auto", "uniform", "global"}:
+        raise OptionError(f"--allocations {args.allocations}: choose from auto, uniform, global")
     models = [m for m in args.models.split(",") if m]
     unknown = set(models) - {"digits", "minilm"}
     if unknown or not models:
@@ -503,18 +519,27 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             criteria,
             seeds=args.seeds,
             allocations=allocations,
+            ablations=ablated,
+            ablation_reductions=ablation_at,
             progress=show,
         )
         print(digits_table(digits))
     if "minilm" in models:
         minilm = evaluate_minilm(
-            reductions, criteria, ffn_sparsities=ffn, seeds=args.seeds, progress=show
+            reductions,
+            criteria,
+            ffn_sparsities=ffn,
+            seeds=args.seeds,
+            ablations=ablated,
+            ablation_reductions=ablation_at,
+            progress=show,
         )
         print(minilm_table(minilm))
     command = (
         f"tvm-qmfrg eval --reductions {args.reductions} --criteria {args.criteria} "
         f"--seeds {args.seeds} --models {args.models} --allocations {args.allocations} "
-        f"--ffn-sparsity '{args.ffn_sparsity}'"
+        f"--ffn-sparsity '{args.ffn_sparsity}' --ablations '{args.ablations}' "
+        f"--ablation-reductions {args.ablation_reductions}"
     )
     written = write_eval_report(args.out, command, digits, minilm, default_model_path())
     print("wrote " + ", ".join(written))

@@ -235,13 +235,34 @@ def get(name: str) -> Factory:
 
 
 CALIBRATED = "+cal"  # suffix of an evaluation variant that runs with calibration data
+# ``NAME+cal-X``: calibrated pruning with one of its parts switched off, to measure that part
+ABLATIONS: dict[str, dict] = {
+    "select": {"selection": "criterion"},  # the criterion picks, activations only refit
+    "refit": {"reconstruct": False},  # activations pick, consumers are not refit
+    "seq": {"sequential": False},  # every group from the dense network's activations
+    "sens": {"allocation": "uniform"},  # the same fraction of every group
+    "ridge": {"ridge": 1e-6},  # a fixed, tiny ridge instead of one chosen on held-out data
+}
 
 
 def variant(name: str) -> tuple[str, bool]:
-    """An evaluation variant ``NAME`` or ``NAME+cal``: ``(criterion, calibrated)``."""
-    base = name.removesuffix(CALIBRATED)
+    """An evaluation variant ``NAME``, ``NAME+cal`` or ``NAME+cal-X``: ``(criterion,
+    calibrated)`` (see :func:`variant_options` for ``-X``)."""
+    base, sep, rest = name.partition(CALIBRATED)
     traits(base)
-    return base, name.endswith(CALIBRATED)
+    if sep and rest and rest.removeprefix("-") not in ABLATIONS:
+        raise OptionError(
+            f"unknown ablation '{rest}' in '{name}' (choose from "
+            f"{', '.join('-' + k for k in ABLATIONS)})"
+        )
+    return base, bool(sep)
+
+
+def variant_options(name: str) -> dict:
+    """Pruning options an evaluation variant overrides: those of its ablation, if any."""
+    variant(name)
+    rest = name.partition(CALIBRATED)[2]
+    return dict(ABLATIONS[rest[1:]]) if rest else {}
 
 
 def seeds_for(name: str, seeds: int) -> range:

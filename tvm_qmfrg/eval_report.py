@@ -9,6 +9,14 @@ from . import evaluation, fidelity, plots
 from .onnx_model import linear_operators, load_onnx
 from .report import write_atomic, write_json
 
+_ABLATION_TEXT = (
+    "`+cal-X`: the same with one part switched off, to show what it adds: `select` (the "
+    "criterion picks the units, activations only refit them), `refit` (activations pick, "
+    "no consumer refit), `seq` (every group from the dense network's activations, not "
+    "sequentially), `sens` (uniform allocation instead of measured sensitivity), `ridge` "
+    "(a fixed tiny ridge instead of one chosen on held-out samples)."
+)
+
 
 def write_eval_report(
     out: str,
@@ -44,7 +52,8 @@ def write_eval_report(
             "Accuracy on the test split and on its seeded augmented copy (10x, shifts and "
             "noise). `allocation`: how the FLOPs budget was spread over the layers (with "
             "several allocations given, chosen per cell on the validation split). `+cal`: "
-            "refit on 256 training images.\n",
+            "calibrated pruning on 256 training images (never the test split); "
+            f"{_ABLATION_TEXT}\n",
             f"```\n{evaluation.summary_table(digits_cells)}\n```\n",
         ]
     if minilm_cells:
@@ -53,7 +62,10 @@ def write_eval_report(
             "Fidelity of the pruned encoder's embeddings of the 350 evaluation sentences to "
             "the dense ones: mean cosine and nearest-neighbour agreement@1. `flops F`: F of "
             "the matmul FLOPs, heads and FFN neurons alike; `ffn S`: S of every layer's FFN "
-            "neurons, heads kept. `+cal`: refit on the separate calibration text.\n",
+            "neurons, heads kept. `paraphrase@1`: share of the 60 paraphrase pairs' sentences "
+            "whose nearest other sentence is their partner (the dense model's own score is "
+            "the `dense` row). `+cal`: calibrated pruning on the separate calibration text; "
+            f"{_ABLATION_TEXT}\n",
             f"```\n{fidelity.summary_table(minilm_cells)}\n```\n",
         ]
     parts += [

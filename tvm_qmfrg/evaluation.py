@@ -85,11 +85,14 @@ def evaluate_digits(
     criteria: Sequence[str],
     *,
     seeds: int = 3,
-    allocations: Sequence[str] = ("uniform",),
+    allocations: Sequence[str] = ("auto",),
+    ablations: Sequence[str] = (),
+    ablation_reductions: Sequence[float] = (),
     batch: int = 120,
     progress: Callable[[str], None] | None = None,
 ) -> list[Cell]:
-    """Run the grid; ``progress`` receives one line per finished cell."""
+    """Run the grid; ``progress`` receives one line per finished cell. ``ablations``
+    (``qmfrg+cal-X`` variants) run at ``ablation_reductions`` only."""
     import onnx
 
     from .passes.importer import import_onnx
@@ -132,24 +135,30 @@ def evaluate_digits(
     dense_vm = host_vm(mod_batch)
     dense_val = accuracy(dense_vm, data.x_val, data.y_val, batch)
     measure("dense", 0, 0.0, "-", None, dense_vm, dense_val, 0.0, _params(mod_batch))
-    for target in reductions:
-        for name in criteria:
+    for target in sorted({*reductions, *ablation_reductions}):
+        names = list(criteria) if target in reductions else []
+        names += list(ablations) if target in ablation_reductions else []
+        for name in names:
             base, calibrated = criteria_registry.variant(name)
             for seed in criteria_registry.seeds_for(name, seeds):
                 tried = []
                 for allocation in allocations:
+                    extra = criteria_registry.variant_options(name)
+                    if "allocation" not in extra:
+                        extra["allocation"] = allocation
                     plan, _ = prune_module(
                         mod_cal if calibrated else mod_batch,
                         criterion=base,
                         flops_reduction=target,
-                        allocation=allocation,
                         seed=seed,
                         calibration=calib if calibrated else None,
+                        onnx_model=model if calibrated else None,
+                        **extra,
                     )
                     pruned = apply_plan(mod_batch, plan)
                     vm = host_vm(pruned)
                     val = accuracy(vm, data.x_val, data.y_val, batch)
-                    tried.append((val, allocation, plan, vm))
+                    tried.append((val, plan.options["allocation"], plan, vm))
                 val, allocation, plan, vm = max(tried, key=lambda t: t[0])  # ties: uniform
                 measure(
                     name,

@@ -34,6 +34,7 @@ from .report import format_table
 log = logging.getLogger(__name__)
 
 SEQ_LEN = 32  # the longest evaluation sentence is 24 word pieces
+CALIBRATION_BATCH = 10  # rows per onnxruntime call while collecting activations
 HEADS_GLOB = "*.q"  # protects the attention-head groups (Q/K/V of a layer) in ``ffn`` mode
 
 
@@ -47,6 +48,7 @@ class FidelityCell:
     params: int
     mean_cosine: float
     nn_agreement: float
+    paraphrase_retrieval: float
     latency_ms: float
 
 
@@ -64,6 +66,14 @@ def fidelity(pruned: np.ndarray, dense: np.ndarray) -> tuple[float, float]:
     den = np.maximum(np.linalg.norm(pruned, axis=1) * np.linalg.norm(dense, axis=1), 1e-12)
     agree = nearest_neighbours(pruned) == nearest_neighbours(dense)
     return float(np.mean(num / den)), float(np.mean(agree))
+
+
+def paraphrase_retrieval(emb: np.ndarray, pairs: Sequence[tuple[int, int]]) -> float:
+    """Share of the sentences of the paraphrase pairs whose most cosine-similar other
+    sentence (among all of them) is their partner: a task metric with the repo's labels."""
+    nn = nearest_neighbours(emb)
+    hits = [nn[i] == j for i, j in pairs] + [nn[j] == i for i, j in pairs]
+    return float(np.mean(hits))
 
 
 def _ort_embed(model, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -93,6 +103,8 @@ def evaluate_minilm(
     *,
     ffn_sparsities: Sequence[float] = (0.5,),
     seeds: int = 3,
+    ablations: Sequence[str] = (),
+    ablation_reductions: Sequence[float] = (),
     progress: Callable[[str], None] | None = None,
 ) -> list[FidelityCell]:
     """Run the grid (``reductions`` as ``flops`` cells, ``ffn_sparsities`` as ``ffn``)."""
@@ -116,8 +128,9 @@ def evaluate_minilm(
     model, mod_all = module(len(sentences))
     names = minilm.producer_names(model)
     _, mod_one = module(1)
-    _, mod_cal = module(len(cal_ids))
+    cal_model, mod_cal = module(CALIBRATION_BATCH)
     calibration = {"input_ids": cal_ids, "attention_mask": cal_mask}
+    pairs = minilm.paraphrase_pairs()
     dense = _ort_embed(model, ids, mask)
     cells = []
 
@@ -125,6 +138,7 @@ def evaluate_minilm(
         t0 = time.perf_counter()
         emb = dense if plan is None else _ort_embed(export_onnx(pruned_all), ids, mask)
         cos, agree = fidelity(emb, dense)
+        retrieval = paraphrase_retrieval(emb, pairs)
         one = mod_one if plan is None else apply_plan(mod_one, plan, names=names)
         cell = FidelityCell(
             criterion=name,
@@ -135,6 +149,7 @@ def evaluate_minilm(
             params=module_cost(pruned_all).params,
             mean_cosine=cos,
             nn_agreement=agree,
+            paraphrase_retrieval=retrieval,
             latency_ms=_latency_ms(one),
         )
         cells.append(cell)
@@ -142,18 +157,23 @@ def evaluate_minilm(
             progress(
                 f"minilm {name:>14} seed {seed} {mode} {target:.0%}: "
                 f"FLOPs -{cell.flops_reduction:.1%} cosine {cos:.4f} NN@1 {agree:.3f} "
+                f"paraphrase@1 {retrieval:.3f} "
                 f"({time.perf_counter() - t0:.1f} s)"
             )
 
     record("dense", 0, "flops", 0.0, None, normalize(mod_all))
-    targets = [("flops", r) for r in reductions] + [("ffn", s) for s in ffn_sparsities]
+    flops = sorted({*reductions, *ablation_reductions})
+    targets = [("flops", r) for r in flops] + [("ffn", s) for s in ffn_sparsities]
     for mode, target in targets:
+        names = list(criteria) if mode == "ffn" or target in reductions else []
+        if mode == "flops" and target in ablation_reductions:
+            names += list(ablations)
         amount = (
             {"flops_reduction": target}
             if mode == "flops"
             else {"sparsity": target, "protect": [HEADS_GLOB]}
         )
-        for name in criteria:
+        for name in names:
             base, calibrated = criteria_registry.variant(name)
             for seed in criteria_registry.seeds_for(name, seeds):
                 plan, pruned = prune_module(
@@ -163,7 +183,9 @@ def evaluate_minilm(
                     names=names,
                     model="all-MiniLM-L6-v2",
                     calibration=calibration if calibrated else None,
+                    onnx_model=cal_model if calibrated else None,
                     **amount,
+                    **criteria_registry.variant_options(name),
                 )
                 if calibrated:
                     pruned = apply_plan(mod_all, plan, names=names)
@@ -184,13 +206,24 @@ def summary_table(cells: Sequence[FidelityCell]) -> str:
                 f"{np.mean([c.flops_reduction for c in group]):.1%}",
                 float(np.mean([c.mean_cosine for c in group])),
                 float(np.mean([c.nn_agreement for c in group])),
+                float(np.mean([c.paraphrase_retrieval for c in group])),
                 int(np.mean([c.params for c in group])),
                 float(np.mean([c.latency_ms for c in group])),
                 len(group),
             ]
         )
     return format_table(
-        ["criterion", "target", "FLOPs -", "cosine", "NN@1", "params", "latency ms", "runs"],
+        [
+            "criterion",
+            "target",
+            "FLOPs -",
+            "cosine",
+            "NN@1",
+            "paraphrase@1",
+            "params",
+            "latency ms",
+            "runs",
+        ],
         rows,
     )
 

@@ -71,6 +71,11 @@ class PruneOptions:
         With calibration data: decide groups one by one on the network already pruned
         upstream, then refit every consumer on the pruned network (default); ``False``:
         every group from the dense network's activations.
+    reconstruct
+        With calibration data: refit the consumers (default); ``False``: only choose.
+    ridge
+        With calibration data: the refit's ridge, relative to the mean kept-feature variance;
+        ``None`` (default): chosen per consumer on held-out calibration samples.
     """
 
     criterion: str = "qmfrg"
@@ -85,6 +90,8 @@ class PruneOptions:
     seed: int = 0
     selection: str = "activations"
     sequential: bool = True
+    reconstruct: bool = True
+    ridge: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.criterion, str):
@@ -124,8 +131,13 @@ class PruneOptions:
             )
         if self.selection not in SELECTIONS:
             raise OptionError(f"selection={self.selection!r} is not one of {', '.join(SELECTIONS)}")
-        if not isinstance(self.sequential, bool):
-            raise OptionError(f"sequential must be True or False, got {self.sequential!r}")
+        for key in ("sequential", "reconstruct"):
+            if not isinstance(getattr(self, key), bool):
+                raise OptionError(f"{key} must be True or False, got {getattr(self, key)!r}")
+        ridge = _real("ridge", self.ridge)
+        if ridge is not None and ridge <= 0:
+            raise OptionError(f"ridge={ridge} must be > 0")
+        object.__setattr__(self, "ridge", ridge)
         object.__setattr__(self, "protect", _patterns(self.protect))
         if self.compensate is not None and not isinstance(self.compensate, bool):
             raise OptionError(f"compensate must be True, False or None, got {self.compensate!r}")

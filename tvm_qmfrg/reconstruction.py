@@ -35,7 +35,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 SELECTION_RIDGE = 1e-3  # relative to the mean feature variance, while selecting
-RIDGES = (1e-6, 1e-4, 1e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)  # candidates for the refit's ridge
+RIDGES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # candidates for the refit's ridge
 
 
 @dataclass
@@ -57,14 +57,16 @@ class Moments:
 
     def add(self, current: np.ndarray, dense: np.ndarray) -> None:
         """Add rows (``current`` and ``dense`` are ``(rows, F)``, the same samples)."""
+        same = current is dense
         xc = np.asarray(current, np.float64)
-        xd = np.asarray(dense, np.float64)
+        xd = xc if same else np.asarray(dense, np.float64)
         self.n += xc.shape[0]
         self.sx += xc.sum(axis=0)
         self.sy += xd.sum(axis=0)
-        self.sxx += xc.T @ xc
-        self.sxy += xc.T @ xd
-        self.syy += xd.T @ xd
+        xx = xc.T @ xc
+        self.sxx += xx
+        self.sxy += xx if same else xc.T @ xd
+        self.syy += xx if same else xd.T @ xd
 
     def __add__(self, other: Moments) -> Moments:
         return Moments(
@@ -185,39 +187,55 @@ def select_units(
     loss = ``sum_c L_c / tr(M_c D_c)``, starting at zero removed (the loss of upstream drift
     alone).
     """
+    kept, curve = select_path(consumers, unit, [keep], ridge=ridge, batch_fraction=batch_fraction)
+    return kept[0], curve
+
+
+def select_path(
+    consumers: Sequence[ConsumerData],
+    unit: int,
+    keeps: Sequence[int],
+    *,
+    ridge: float = SELECTION_RIDGE,
+    batch_fraction: float = 0.1,
+) -> tuple[list[list[int]], list[tuple[int, float]]]:
+    """:func:`select_units` for several ``keeps`` at once: one elimination path (nested
+    kept sets), stopping exactly at each count; the kept units per count, in ``keeps`` order."""
     features = consumers[0].gram.shape[0]
     units = features // unit
-    if not 0 <= keep <= units:
-        raise ValueError(f"keep={keep} is outside [0, {units}]")
+    if any(not 0 <= k <= units for k in keeps):
+        raise ValueError(f"keep counts {list(keeps)} must lie in [0, {units}]")
     states = [_State(c, ridge) for c in consumers]
     alive = list(range(units))
     loss = float(sum(s.base for s in states))
     curve = [(0, loss)]
-    while len(alive) > keep:
-        costs = sum(s.weight * _unit_costs(s.h, s.q, unit) for s in states)
-        left = len(alive) - keep
-        take = max(1, min(left, int(batch_fraction * left)))
-        drop = set(np.argsort(costs, kind="stable")[:take].tolist())
-        idx = _features([i for i in range(len(alive)) if i in drop], unit)
-        rest = _features([i for i in range(len(alive)) if i not in drop], unit)
-        loss += sum(s.remove(idx, rest) for s in states)
-        alive = [u for i, u in enumerate(alive) if i not in drop]
-        curve.append((units - len(alive), loss))
-    return sorted(alive), curve
-
-
-def _solve(g_kk: np.ndarray, c_k: np.ndarray, r0: np.ndarray, lam: float) -> np.ndarray:
-    """``R = (C_K^T + lam R0)(G_KK + lam I)^-1``: ridge towards ``R0``."""
-    lhs = g_kk + lam * np.eye(g_kk.shape[0])
-    return np.linalg.solve(lhs, (c_k + lam * r0.T)).T
+    found: dict[int, list[int]] = {}
+    for keep in sorted(set(keeps), reverse=True):
+        while len(alive) > keep:
+            costs = sum(s.weight * _unit_costs(s.h, s.q, unit) for s in states)
+            left = len(alive) - keep
+            take = max(1, min(left, int(batch_fraction * left)))
+            drop = set(np.argsort(costs, kind="stable")[:take].tolist())
+            idx = _features([i for i in range(len(alive)) if i in drop], unit)
+            rest = _features([i for i in range(len(alive)) if i not in drop], unit)
+            loss += sum(s.remove(idx, rest) for s in states)
+            alive = [u for i, u in enumerate(alive) if i not in drop]
+            curve.append((units - len(alive), loss))
+        found[keep] = sorted(alive)
+    return [found[k] for k in keeps], curve
 
 
 def _loss(m: Moments, gram: np.ndarray, kept: np.ndarray, r: np.ndarray, mu: np.ndarray) -> float:
     """``E||W (x - R x~_K - mu)||^2 / tr(M D)`` on the samples of ``m``."""
     mx, my, g, c, d = m.stats()
-    cov = d - r @ c[kept] - c[kept].T @ r.T + r @ g[np.ix_(kept, kept)] @ r.T
+    mr = gram @ r  # tr(M cov) without forming cov: cov = D - R C_K - C_K^T R^T + R G_KK R^T
+    tr = (
+        float(np.sum(gram * d))
+        - 2.0 * float(np.sum(mr * c[kept].T))
+        + float(np.sum((r.T @ mr) * g[np.ix_(kept, kept)]))
+    )
     mean = my - r @ mx[kept] - mu
-    return (float(np.sum(gram * cov)) + float(mean @ gram @ mean)) / _energy(gram, d)
+    return (tr + float(mean @ gram @ mean)) / _energy(gram, d)
 
 
 def reconstruct(
@@ -227,24 +245,32 @@ def reconstruct(
 
     Each ridge of ``ridges`` (relative to the mean kept-feature variance) is fit on
     ``data.fit`` and scored on ``data.held``; the best is refit on all samples. Without
-    held-out samples the smallest ridge is used.
+    held-out samples (or with one candidate) the first ridge is used.
     """
     kept = np.asarray(kept, dtype=np.int64)
     features = data.gram.shape[0]
     r0 = np.zeros((features, kept.size))
     r0[kept, np.arange(kept.size)] = 1.0
 
-    def fit(m: Moments, rel: float) -> tuple[np.ndarray, np.ndarray]:
+    def fits(m: Moments, rels: Sequence[float]):
         mx, my, g, c, _ = m.stats()
         g_kk = g[np.ix_(kept, kept)]
-        r = _solve(g_kk, c[kept], r0, _ridge(g_kk, rel))
-        return r, my - r @ mx[kept]
+        lam_unit = _ridge(g_kk, 1.0)
+        vals, vecs = np.linalg.eigh(g_kk)  # one factorization for every ridge
+        rhs = (c[kept]).T @ vecs  # (F, K) in the eigenbasis
+        r0v = r0 @ vecs
+        for rel in rels:
+            lam = rel * lam_unit
+            r = ((rhs + lam * r0v) / (np.maximum(vals, 0.0) + lam)) @ vecs.T
+            yield rel, r, my - r @ mx[kept]
 
     best_rel, best_loss = ridges[0], float("nan")
     if data.held.n > 0 and data.fit.n > 0 and len(ridges) > 1:
-        scores = [(_loss(data.held, data.gram, kept, *fit(data.fit, rel)), rel) for rel in ridges]
+        scores = [
+            (_loss(data.held, data.gram, kept, r, mu), rel) for rel, r, mu in fits(data.fit, ridges)
+        ]
         best_loss, best_rel = min(scores)
-    r, mu = fit(data.all, best_rel)
+    _, r, mu = next(fits(data.all, [best_rel]))
     return Reconstruction(data.name, r, mu, best_rel, best_loss)
 
 
@@ -280,10 +306,11 @@ def allocate(
         x = 1.0 - k / units[g]
         if x <= fr[g][-1]:
             return float(np.interp(x, fr[g], err[g]))
+        # past the last measured fraction: four times the last slope (losses grow fast there)
         slope = (
             (err[g][-1] - err[g][-2]) / max(fr[g][-1] - fr[g][-2], 1e-9) if fr[g].size > 1 else 0
         )
-        return float(err[g][-1] + max(slope, 0.0) * (x - fr[g][-1]))
+        return float(err[g][-1] + 4 * max(slope, 0.0) * (x - fr[g][-1]))
 
     def group_flops(g: int, kk: list[int]) -> float:
         return sum(flops.op_flops(i, kk) for i in ops_of[g])

@@ -1,0 +1,164 @@
+"""The mathematics of calibrated pruning (tvm_qmfrg.reconstruction), on plain numpy data."""
+
+import itertools
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tvm_qmfrg import reconstruction as rec
+from tvm_qmfrg.selection import AxisCost, FlopsModel
+
+
+def consumer(current, dense, weight, name="c", held_every=0):
+    m_fit, m_held = rec.Moments.empty(current.shape[1]), rec.Moments.empty(current.shape[1])
+    rows = np.arange(current.shape[0])
+    held = (rows % held_every == held_every - 1) if held_every else np.zeros_like(rows, bool)
+    m_fit.add(current[~held], dense[~held])
+    if held.any():
+        m_held.add(current[held], dense[held])
+    return rec.ConsumerData(name, weight.T @ weight, m_fit, m_held)
+
+
+def direct_loss(current, dense, weight, kept):
+    """min over (B, b) of mean ||W x - (B x~_K + b)||^2 / Var(W x), by least squares."""
+    z = dense @ weight.T
+    a = np.concatenate([current[:, kept], np.ones((current.shape[0], 1))], axis=1)
+    coef, *_ = np.linalg.lstsq(a, z, rcond=None)
+    resid = z - a @ coef
+    return float(np.mean(np.sum(resid**2, axis=1)) / np.mean(np.sum((z - z.mean(0)) ** 2, 1)))
+
+
+def correlated(rng, n, f):
+    mix = rng.standard_normal((f, f)) * rng.uniform(0.2, 2.0, size=f)
+    return rng.standard_normal((n, f)) @ mix + rng.standard_normal(f)
+
+
+def test_moments_of_two_halves_add_up_to_the_moments_of_all_rows():
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((50, 3)), rng.standard_normal((50, 3))
+    a, b, whole = rec.Moments.empty(3), rec.Moments.empty(3), rec.Moments.empty(3)
+    a.add(x[:20], y[:20])
+    b.add(x[20:], y[20:])
+    whole.add(x, y)
+    for got, want in zip((a + b).stats(), whole.stats()):
+        np.testing.assert_allclose(got, want, atol=1e-12)
+    _, _, g, c, _ = whole.stats()
+    np.testing.assert_allclose(g, np.cov(x.T, bias=True), atol=1e-12)
+    np.testing.assert_allclose(c, (x - x.mean(0)).T @ (y - y.mean(0)) / 50, atol=1e-12)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), features=st.integers(3, 7), keep=st.integers(1, 3))
+def test_the_loss_curve_ends_at_the_least_squares_loss_of_the_kept_features(seed, features, keep):
+    rng = np.random.default_rng(seed)
+    x = correlated(rng, 400, features)
+    w = rng.standard_normal((4, features))
+    data = consumer(x, x, w)
+    kept, curve = rec.select_units([data], 1, keep, ridge=1e-9, batch_fraction=0.0)
+    assert len(kept) == keep and curve[0] == (0, pytest.approx(0.0, abs=1e-6))
+    assert curve[-1][0] == features - keep
+    assert curve[-1][1] == pytest.approx(direct_loss(x, x, w, kept), rel=1e-4, abs=1e-7)
+    assert all(b[1] >= a[1] - 1e-9 for a, b in zip(curve, curve[1:]))  # removing never helps
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), features=st.integers(3, 6))
+def test_removing_one_unit_picks_the_best_single_removal(seed, features):
+    rng = np.random.default_rng(seed)
+    x = correlated(rng, 300, features)
+    w = rng.standard_normal((3, features))
+    kept, _ = rec.select_units([consumer(x, x, w)], 1, features - 1, ridge=1e-9)
+    losses = {
+        p: direct_loss(x, x, w, [f for f in range(features) if f != p]) for p in range(features)
+    }
+    (gone,) = set(range(features)) - set(kept)
+    assert losses[gone] == pytest.approx(min(losses.values()), rel=1e-4, abs=1e-8)
+
+
+def test_units_of_several_features_go_together_and_the_best_pair_is_found():
+    rng = np.random.default_rng(3)
+    x = correlated(rng, 500, 8)  # 4 units of 2 features
+    w = rng.standard_normal((5, 8))
+    kept, curve = rec.select_units([consumer(x, x, w)], 2, 3, ridge=1e-9)
+    losses = {}
+    for u in range(4):
+        feats = [f for f in range(8) if f // 2 != u]
+        losses[u] = direct_loss(x, x, w, feats)
+    (gone,) = set(range(4)) - set(kept)
+    assert losses[gone] == pytest.approx(min(losses.values()), rel=1e-4)
+    assert curve[-1][1] == pytest.approx(losses[gone], rel=1e-4)
+
+
+def test_a_redundant_feature_is_removed_first_at_no_cost():
+    rng = np.random.default_rng(1)
+    base = rng.standard_normal((300, 4))
+    x = np.concatenate([base, base[:, :1] * 2 - base[:, 1:2] + 0.5], axis=1)  # f4 = 2 f0 - f1 + .5
+    w = rng.standard_normal((3, 5))
+    kept, curve = rec.select_units([consumer(x, x, w)], 1, 4, ridge=1e-9)
+    assert curve[-1][1] < 1e-6
+    assert len(kept) == 4
+    fit = rec.reconstruct(consumer(x, x, w), np.array(kept), ridges=(1e-9,))
+    np.testing.assert_allclose(x[:, kept] @ fit.r.T + fit.mu, x, atol=1e-5)
+
+
+def test_the_refit_targets_the_dense_features_and_undoes_upstream_drift():
+    rng = np.random.default_rng(2)
+    dense = correlated(rng, 400, 5)
+    current = dense * 0.5 + 1.0  # what the pruned network upstream now delivers
+    w = rng.standard_normal((3, 5))
+    fit = rec.reconstruct(consumer(current, dense, w), np.arange(5), ridges=(1e-9,))
+    np.testing.assert_allclose(fit.r, 2 * np.eye(5), atol=1e-6)
+    np.testing.assert_allclose(current @ fit.r.T + fit.mu, dense, atol=1e-6)
+
+
+def test_the_ridge_is_the_candidate_with_the_least_held_out_loss():
+    rng = np.random.default_rng(4)
+    signal = rng.standard_normal((60, 1))
+    x = np.concatenate([signal + 0.1 * rng.standard_normal((60, 1)) for _ in range(12)], axis=1)
+    w = rng.standard_normal((2, 12))
+    data = consumer(x, x, w, held_every=3)
+    kept = np.arange(6)
+    fit = rec.reconstruct(data, kept)
+    scores = []
+    for rel in rec.RIDGES:
+        one = rec.reconstruct(
+            rec.ConsumerData("c", data.gram, data.fit, rec.Moments.empty(12)), kept, (rel,)
+        )
+        scores.append(rec._loss(data.held, data.gram, kept, one.r, one.mu))
+    assert fit.ridge == rec.RIDGES[int(np.argmin(scores))]
+    assert fit.held_out_loss == pytest.approx(min(scores))
+
+
+def two_group_flops():
+    # group 0 and group 1 each own the output axis of one op of equal FLOPs
+    return FlopsModel(
+        ((100.0, (AxisCost(0, 10, ((0, 1.0),)),)), (100.0, (AxisCost(0, 10, ((1, 1.0),)),)))
+    )
+
+
+def test_sensitivity_allocation_prunes_the_insensitive_group_first():
+    cheap = [(0.25, 0.001), (0.5, 0.002), (0.75, 0.004)]
+    dear = [(0.25, 0.1), (0.5, 0.3), (0.75, 0.9)]
+    keep = rec.allocate([cheap, dear], [10, 10], two_group_flops(), 0.3, [1, 1], [1, 1])
+    assert keep[0] < keep[1]
+    assert 1 - (keep[0] + keep[1]) * 10 / 200 >= 0.3
+
+
+@pytest.mark.parametrize("step", [1, 2, 4])
+def test_sensitivity_allocation_respects_minimum_and_multiples(step):
+    flat = [(0.5, 0.0), (0.9, 0.0)]
+    keep = rec.allocate([flat, flat], [10, 10], two_group_flops(), 0.8, [3, 3], [step, step])
+    assert all(k >= 3 for k in keep)
+    assert all(k % step == 0 or k == 10 for k in keep)
+
+
+def test_every_brute_force_pair_is_no_better_than_greedy_on_a_block_diagonal_model():
+    # independent features: the greedy order is exact, so it matches brute force
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((400, 5)) * np.array([3.0, 0.1, 1.0, 0.5, 2.0])
+    w = np.eye(5)
+    kept, curve = rec.select_units([consumer(x, x, w)], 1, 3, ridge=1e-9, batch_fraction=0.0)
+    best = min(itertools.combinations(range(5), 3), key=lambda k: direct_loss(x, x, w, list(k)))
+    assert sorted(kept) == sorted(best)
