@@ -33,9 +33,9 @@ from tvm_qmfrg import reconstruction as rec
 from tvm_qmfrg.errors import GraphError, OptionError
 from tvm_qmfrg.plan import GroupPlan, Refit
 
-from .calibrate import probe_module
 from .channels import ChannelAnalysis, Segment, Site
 from .importer import OUT, SUB, node_of
+from .probe import probe_module
 from .rewrite import Rewriter, plan_edits
 
 log = logging.getLogger(__name__)

@@ -255,7 +255,7 @@ def prune_module(
     sparsity, flops_reduction, epsilon = opts.sparsity, opts.flops_reduction, opts.epsilon
     min_channels, round_to = opts.min_channels, opts.round_to
     calibrated = calibration is not None
-    allocation = opts.allocation_for(calibrated)
+    allocation = opts.allocation_for(calibrated and onnx_model is not None)
     if allocation == "sensitivity" and not (calibrated and flops_reduction is not None):
         raise OptionError(
             "allocation 'sensitivity' measures each group on calibration data: it needs "

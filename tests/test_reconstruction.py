@@ -162,3 +162,11 @@ def test_every_brute_force_pair_is_no_better_than_greedy_on_a_block_diagonal_mod
     kept, curve = rec.select_units([consumer(x, x, w)], 1, 3, ridge=1e-9, batch_fraction=0.0)
     best = min(itertools.combinations(range(5), 3), key=lambda k: direct_loss(x, x, w, list(k)))
     assert sorted(kept) == sorted(best)
+
+
+def test_sensitivity_allocation_stays_within_the_measured_fractions_when_it_can():
+    cheap = [(0.25, 0.0), (0.5, 0.0)]  # measured up to half of the group
+    dear = [(0.25, 0.1), (0.5, 0.2), (0.75, 0.3), (0.9, 0.4)]
+    keep = rec.allocate([cheap, dear], [10, 10], two_group_flops(), 0.4, [1, 1], [1, 1])
+    assert keep[0] == 5  # not past its measured 50 %, though its curve is flat
+    assert 1 - (keep[0] + keep[1]) * 10 / 200 >= 0.4

@@ -186,11 +186,11 @@ print(
 # %%
 # Data-aware mode
 # ---------------
-# With ``calibration=`` the pass runs the model on those inputs, records the activations each
-# pruned group's consumers read, and refits the consumers by least squares: every removed
-# feature is predicted from the kept ones (``a_pruned ~= R a_kept + mu``) and ``R`` and
-# ``mu`` are folded into the consumer weights and bias. The channels chosen are the same;
-# only what the next layer does with the loss changes. Compare the two accuracies.
+# With ``calibration=`` the pass runs the model on those inputs and, group by group on the
+# network already pruned upstream, keeps the channels whose loss the group's consumers can
+# best make up for, then refits the consumers by least squares: every feature the consumer
+# read in the dense model is predicted from the kept ones (``x ~= R x_kept + mu``), and ``R``
+# and ``mu`` are folded into the consumer weights and bias. Compare the two accuracies.
 
 aware = prune_and_measure(REDUCTIONS[0], "data-aware")
 print(

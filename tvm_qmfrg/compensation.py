@@ -4,7 +4,7 @@ Removing unit ``j`` (or merging it into ``i`` with ``a_j ~= c a_i``) leaves the 
 mean error ``E[a_j - c a_i] V[:, j]``; folding it into the consumer's bias removes it
 (DESIGN.md, "Bias compensation"). Data-free, the mean comes from a BatchNorm's statistics:
 the pre-activation is ``z ~ N(m, s^2)`` and ``E[relu(z)] = m Phi(m/s) + s phi(m/s)``. With
-data, a least-squares fit ``a_P ~= R a_K + mu`` replaces merges and means.
+data, :mod:`tvm_qmfrg.reconstruction` refits the consumers instead.
 """
 
 from __future__ import annotations
@@ -13,8 +13,6 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 from scipy.stats import norm
-
-RIDGE = 1e-6  # relative to the mean kept-feature energy; keeps singular Grams solvable
 
 
 def relu_mean(mean: np.ndarray, std: np.ndarray) -> np.ndarray:
@@ -43,23 +41,6 @@ def pruned_offsets(
             if mu != 0.0:
                 out[f] = float(mu)
     return out
-
-
-def least_squares_refit(
-    samples: np.ndarray, kept: np.ndarray, pruned: np.ndarray, ridge: float = RIDGE
-) -> tuple[np.ndarray, np.ndarray]:
-    """Ridge least squares ``a_P ~= R a_K + mu`` over ``samples`` (rows = samples).
-
-    Returns ``R`` (pruned x kept) and ``mu``; the ridge is ``ridge`` times the mean energy of
-    the centred kept features.
-    """
-    ak, ap = samples[:, kept], samples[:, pruned]
-    mean_k, mean_p = ak.mean(axis=0), ap.mean(axis=0)
-    xk, xp = ak - mean_k, ap - mean_p
-    gram = xk.T @ xk
-    lam = ridge * max(float(np.trace(gram)) / max(1, kept.size), 1e-12)
-    r = np.linalg.solve(gram + lam * np.eye(kept.size), xk.T @ xp)  # (kept, pruned)
-    return r.T, mean_p - mean_k @ r
 
 
 def unit_spectra(mats: np.ndarray) -> np.ndarray:

@@ -55,7 +55,8 @@ class PruneOptions:
     allocation
         How a FLOPs budget spreads over groups: ``uniform``, ``global``, or ``sensitivity``
         (measured on calibration data); ``auto`` (default): ``sensitivity`` when the pass
-        has calibration data and a FLOPs target, else ``uniform``.
+        has calibration data, the ONNX model to run it in onnxruntime and a FLOPs target,
+        else ``uniform`` (measuring through untuned TVM builds is slow).
     protect
         Glob patterns (or exact names) of producer nodes whose groups stay intact.
     compensate
@@ -142,11 +143,12 @@ class PruneOptions:
         if self.compensate is not None and not isinstance(self.compensate, bool):
             raise OptionError(f"compensate must be True, False or None, got {self.compensate!r}")
 
-    def allocation_for(self, calibrated: bool) -> str:
-        """The allocation that runs: ``auto`` resolved for a pass with or without data."""
+    def allocation_for(self, measurable: bool) -> str:
+        """The allocation that runs: ``auto`` resolved; ``measurable``: the pass has
+        calibration data and a fast engine to measure sensitivity with."""
         if self.allocation != "auto":
             return self.allocation
-        return "sensitivity" if calibrated and self.flops_reduction is not None else "uniform"
+        return "sensitivity" if measurable and self.flops_reduction is not None else "uniform"
 
     @property
     def compensates(self) -> bool:

@@ -288,7 +288,8 @@ def allocate(
     ``curves[g]`` is the measured loss of pruning group ``g`` alone as ``[(fraction of units
     removed, loss)]`` (made non-decreasing and interpolated linearly, zero at zero);
     ``flops`` is a :class:`~tvm_qmfrg.selection.FlopsModel`. Greedy on the marginal loss per
-    FLOP removed, in chunks of ``chunk`` of a group's units (at least its ``steps``).
+    FLOP removed, in chunks of ``chunk`` of a group's units (at least its ``steps``); no
+    group goes past its last measured fraction unless the target cannot be reached otherwise.
     """
     n = len(units)
     keep = list(units)
@@ -316,6 +317,7 @@ def allocate(
         return sum(flops.op_flops(i, kk) for i in ops_of[g])
 
     current = flops.flops(keep)
+    capped = True  # first only within the measured fractions; past them if the target needs
     while 1.0 - current / total < target:
         fine = target - (1.0 - current / total) < chunk  # close to the target: one step
         best = None
@@ -325,6 +327,8 @@ def allocate(
             new -= new % steps[g]
             low = -(-mins[g] // steps[g]) * steps[g]
             new = max(new, low)
+            if capped and 1.0 - new / units[g] > fr[g][-1] + 1e-9:
+                continue
             if new >= keep[g]:
                 continue
             trial = keep.copy()
@@ -335,6 +339,9 @@ def allocate(
             score = (loss(g, new) - loss(g, keep[g])) / saved
             if best is None or score < best[0]:
                 best = (score, g, new, saved)
+        if best is None and capped:
+            capped = False
+            continue
         if best is None:
             log.warning("sensitivity allocation: every group is at its minimum")
             break
