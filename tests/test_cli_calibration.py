@@ -327,3 +327,10 @@ def test_outputs_that_are_not_class_scores_are_compared_by_mean_cosine():
     assert got.metric == COSINE and got.samples == 5
     assert got.value == pytest.approx(cos.mean(), abs=1e-5)
     assert str(got) == f"mean cosine with the dense model {got.value:.3f} (5 samples)"
+
+
+def test_sensitivity_allocation_without_calibration_exits_1_with_one_line(capsys):
+    code, _, err = run_cli(capsys, "--flops-reduction", "0.3", "--allocation", "sensitivity")
+    assert code == 1
+    assert len(err.strip().splitlines()) == 1
+    assert "sensitivity" in err and "calibration" in err
