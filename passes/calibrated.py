@@ -223,13 +223,11 @@ class _Engine:
 
         from .onnx_patch import patch_onnx
 
-        patched = (
-            patch_onnx(self.onnx, self.mod, mod, model=self.model)
-            if mod is not self.mod
-            else self.onnx
-        )
-        graph = onnx.ModelProto()
-        graph.CopyFrom(patched)
+        if mod is self.mod:  # the user's graph itself: add outputs to a copy
+            graph = onnx.ModelProto()
+            graph.CopyFrom(self.onnx)
+        else:  # patch_onnx already returned a fresh copy
+            graph = patch_onnx(self.onnx, self.mod, mod, model=self.model)
         tensors = [onnx_tensor(n, graph) for n in names]
         first = graph.graph.output[0].name
         known = {o.name for o in graph.graph.output}
@@ -319,7 +317,6 @@ def collect(
     reads: Sequence[Read],
     data: Sequence[Batch],
     rows: _Rows,
-    names: Mapping,
 ) -> list[rec.ConsumerData]:
     """Moments of (current, dense) features at every read; current = ``decided`` applied."""
     wanted = list({r.data: None for r in reads})
@@ -418,7 +415,6 @@ def calibrate_plans(
     onnx_model,
     settings: CalibrationSettings,
     *,
-    names: Mapping,
     allocate: Callable[[list[list[tuple[float, float]]]], list[int]] | None = None,
     model: str = "model",
 ) -> list[GroupPlan]:
@@ -458,7 +454,7 @@ def calibrate_plans(
         engine.kind,
     )
     if allocate is not None and stages:
-        _measure_curves(engine, stages, data, rows, names, model, settings)
+        _measure_curves(engine, stages, data, rows, model, settings)
         keep = allocate([st.curve for st in stages])
         for st, k in zip(stages, keep):
             st.keep = k
@@ -469,7 +465,7 @@ def calibrate_plans(
             st.stale = {k for k, r in enumerate(st.reads) if any(p < r.order for p in later)}
     decided: dict = {}
     for i, st in enumerate(stages):
-        datas = collect(engine, decided if settings.sequential else {}, st.reads, data, rows, names)
+        datas = collect(engine, decided if settings.sequential else {}, st.reads, data, rows)
         if settings.selection == "activations":
             kept, _ = rec.select_units(datas, st.plan.unit, st.keep)
         else:
@@ -486,13 +482,13 @@ def calibrate_plans(
             time.perf_counter() - t0,
         )
     if settings.sequential and settings.reconstruct:
-        _refine(engine, stages, decided, data, rows, names, model, settings)
+        _refine(engine, stages, decided, data, rows, model, settings)
     log.info("%s: calibrated pruning done in %.1f s", model, time.perf_counter() - t0)
     by_space = {st.space: decided[st.space] for st in stages}
     return [by_space.get(sid, gp) for sid, gp in plans]
 
 
-def _refine(engine, stages, decided, data, rows, names, model, settings) -> None:
+def _refine(engine, stages, decided, data, rows, model, settings) -> None:
     """Refit every consumer once more, in the order the consumers run, on the activations of
     the network with every group pruned (and the consumers before it refit again)."""
     reads = sorted(
@@ -508,7 +504,7 @@ def _refine(engine, stages, decided, data, rows, names, model, settings) -> None
         waves.append([(r, st)])
         done_inputs = {r.data}
     for wave in waves:
-        datas = collect(engine, decided, [r for r, _ in wave], data, rows, names)
+        datas = collect(engine, decided, [r for r, _ in wave], data, rows)
         for (_, st), d in zip(wave, datas):
             gp = decided[st.space]
             u = gp.unit
@@ -520,7 +516,7 @@ def _refine(engine, stages, decided, data, rows, names, model, settings) -> None
     log.info("%s: refit %d consumers on the pruned network", model, len(reads))
 
 
-def _measure_curves(engine, stages, data, rows, names, model, settings) -> None:
+def _measure_curves(engine, stages, data, rows, model, settings) -> None:
     """Each group pruned alone (activation selection + refit on dense activations) by
     :data:`SENSITIVITY_FRACTIONS`: the relative output error on the first samples."""
     subset = []
@@ -542,7 +538,7 @@ def _measure_curves(engine, stages, data, rows, names, model, settings) -> None:
         chunks.append(chunk)
     for chunk in chunks:
         reads = [r for st in chunk for r in st.reads]
-        datas = collect(engine, {}, reads, data, rows, names)
+        datas = collect(engine, {}, reads, data, rows)
         k = 0
         for st in chunk:
             mine = datas[k : k + len(st.reads)]

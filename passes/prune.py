@@ -328,12 +328,10 @@ def prune_module(
             values,
             active,
             plans,
-            sels,
             opts,
             allocation,
             calibration,
             onnx_model,
-            names_by_var,
             model,
         )
     before = module_cost(norm_mod)
@@ -395,12 +393,10 @@ def _calibrate(
     values,
     active,
     plans,
-    sels,
     opts,
     allocation,
     calibration,
     onnx_model,
-    names,
     model,
 ) -> list[GroupPlan]:
     """Calibrated mode (:mod:`.calibrated`): the data-free plans give the budget per group
@@ -427,7 +423,6 @@ def _calibrate(
         calibration,
         onnx_model,
         settings,
-        names=names,
         allocate=allocate,
         model=model,
     )

@@ -129,8 +129,8 @@ def test_onnxruntime_and_tvm_collect_the_same_activation_moments():
     ort = calibrated.pick_engine(mod, analysis, model, reads, "vgg")
     tvm_engine = calibrated.pick_engine(mod, analysis, None, reads, "vgg")
     assert (ort.kind, tvm_engine.kind) == ("onnxruntime", "tvm")
-    a = calibrated.collect(ort, {}, reads, data, rows, {})
-    b = calibrated.collect(tvm_engine, {}, reads, data, rows, {})
+    a = calibrated.collect(ort, {}, reads, data, rows)
+    b = calibrated.collect(tvm_engine, {}, reads, data, rows)
     for x, y in zip(a, b):
         assert x.rows == y.rows > 0
         for s, t in zip(x.all.stats(), y.all.stats()):

@@ -96,13 +96,11 @@ class GroupPlan:
                 raise ModelError(f"{at}: 'merges' folds unit {j} into {i}, which is not kept")
             if not math.isfinite(c):
                 raise ModelError(f"{at}: 'merges' scale of unit {j} is {c}")
-        pruned_features = self.channels - self.kept_channels
         for f, mu in self.offsets.items():
             if not 0 <= f < self.channels or f // self.unit in kept:
                 raise ModelError(f"{at}: 'offsets' names feature {f}, which is not pruned")
             if not math.isfinite(mu):
                 raise ModelError(f"{at}: 'offsets' of feature {f} is {mu}")
-        del pruned_features
         for rf in self.refits:
             want = (self.channels, self.kept_channels)
             if tuple(rf.r.shape) != want or np.shape(rf.mu) != (self.channels,):
