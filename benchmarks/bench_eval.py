@@ -38,7 +38,7 @@ if __name__ == "__main__":
                 "--ffn-sparsity",
                 "",
                 "--ablations",
-                "select,refit,seq,sens,ridge",
+                "select,refit,seq,resid,sens,ridge",
                 "--ablation-reductions",
                 "0.3",
                 "--out",

@@ -58,6 +58,9 @@ class Read:
     seg: Segment
     gram: np.ndarray
     order: int  # position of the consumer's binding in ``main``
+    residual: relax.Var | None = None  # the stream the consumer's output is added to
+    lift: np.ndarray | None = None  # (out, F): a drift of that stream, in this read's features
+    out_axis: int = -1  # channel axis of the consumer's output (and of the stream)
 
 
 @dataclass
@@ -96,6 +99,93 @@ def consumer_reads(analysis: ChannelAnalysis, values: dict, space_id: int, order
                 w = w[seg.positions(np.arange(sp.size))].reshape(sp.size, -1)
                 out.append(Read(var, data, site, seg, w @ w.T, order[var]))
     return out
+
+
+_AFFINE_OPS = ("relax.add", "relax.subtract", "relax.multiply", "relax.divide")
+
+
+def _per_channel(const: np.ndarray, rank: int, axis: int) -> bool:
+    """A constant that broadcasts along one channel axis only (or a scalar)."""
+    shape = (1,) * (rank - const.ndim) + tuple(const.shape)
+    return len(shape) == rank and all(d == 1 for i, d in enumerate(shape) if i != axis)
+
+
+def _row_wise(call: relax.Call) -> bool:
+    """A consumer whose output rows are its input rows (the same positions): a matmul,
+    or a 1x1 conv with unit stride, no padding and one group."""
+    if call.op.name == "relax.matmul":
+        return True
+    if call.op.name != "relax.nn.conv2d":
+        return False
+    a = call.attrs
+    w = call.args[1].value.shape
+    return (
+        tuple(w[2:]) == (1, 1)
+        and all(int(v) == 1 for v in a.strides)
+        and all(int(v) == 0 for v in a.padding)
+        and int(a.groups) == 1
+        and a.data_layout == "NCHW"
+    )
+
+
+def attach_residuals(reads: Sequence[Read], analysis: ChannelAnalysis, values: dict) -> None:
+    """Mark the reads whose consumer output is added to a residual stream.
+
+    The consumer computes ``z = x W`` (rows: positions), then per-channel affine ops
+    ``s z + t`` (bias, BatchNorm), then ``y = s z + t + h`` with another tensor ``h``. In the
+    network pruned upstream ``h`` has drifted by ``e = h - h~``; a refit that reproduces
+    ``y`` rather than ``s z`` aims at the feature target ``x + (e / s) W^+`` (the part of the
+    drift the consumer can express). ``lift = diag(1/s) W^+`` turns a drift row into it.
+    """
+    users: dict = {}
+    for var, value in values.items():
+        for v in relax.analysis.free_vars(value):
+            users.setdefault(v, []).append(var)
+    scale_of = {
+        p.var: p.scale for sp in analysis.spaces for p in sp.producers if p.rows is None
+    }
+    for r in reads:
+        call = values[r.consumer]
+        scale = scale_of.get(r.consumer)
+        out_site = next(
+            (s for s in analysis.sites.get(r.consumer, []) if s.role == "producer"), None
+        )
+        if scale is None or out_site is None or int(r.seg.ppf) != 1 or not _row_wise(call):
+            continue
+        axis, rank = out_site.layout.axis, len(call.ty.shape.values)
+        v, other = r.consumer, None
+        while other is None:
+            nxt = users.get(v, [])
+            if len(nxt) != 1:
+                break
+            u, val = nxt[0], values[nxt[0]]
+            if isinstance(val, relax.TupleGetItem) and val.index == 0:  # a BatchNorm's output
+                v = u
+                continue
+            if not isinstance(val, relax.Call) or not isinstance(val.op, tvm.ir.Op):
+                break
+            args = list(val.args)
+            if val.op.name == "relax.nn.batch_norm" and all(
+                isinstance(a, tvm.ir.GenericConst) for a in args[1:]
+            ):
+                v = u
+                continue
+            consts = [a for a in args if isinstance(a, tvm.ir.GenericConst)]
+            if val.op.name in _AFFINE_OPS and len(args) == 2 and len(consts) == 1:
+                if not _per_channel(consts[0].value.numpy(), rank, axis):
+                    break
+                v = u
+                continue
+            if val.op.name == "relax.add" and not consts and len(args) == 2:
+                other = args[1] if args[0].same_as(v) else args[0]
+                if list(other.ty.shape.values) != list(call.ty.shape.values):
+                    other = None
+            break
+        if other is None or not isinstance(other, relax.Var) or np.any(np.abs(scale) < 1e-12):
+            continue
+        w = np.moveaxis(call.args[r.site.arg].value.numpy().astype(np.float64), r.site.axis, 0)
+        w = w[r.seg.positions(np.arange(r.seg.features))].reshape(r.seg.features, -1)
+        r.residual, r.lift, r.out_axis = other, np.linalg.pinv(w) / scale[:, None], axis
 
 
 def features(act: np.ndarray, read: Read) -> np.ndarray:
@@ -170,15 +260,18 @@ class _Engine:
         self.kind = "onnxruntime" if onnx_model is not None else "tvm"
         self.cache: dict[tuple[int, str], np.ndarray] = {}  # (batch id, tensor) -> dense
         self.cached_bytes = 0
+        self._upstream_key: tuple | None = None  # what outputs() fed its last cut graph
+        self._upstream: list[dict[str, np.ndarray]] = []
 
     def dense(self, wanted: Sequence[relax.Var], data: Sequence[Batch]):
-        """:meth:`run` of the dense model, from the cache when every value is in it."""
+        """:meth:`run` of the dense model (no output), from the cache when every value is
+        in it."""
         names = [v.name for v in wanted]
         if all((id(b), n) in self.cache for b in data for n in names):
             for b in data:
                 yield b, [self.cache[id(b), n] for n in names], None
             return
-        for b, acts, out in self.run({}, wanted, data):
+        for b, acts, out in self.run({}, wanted, data, output=False):
             for n, a in zip(names, acts):
                 if (
                     id(b),
@@ -195,13 +288,20 @@ class _Engine:
         return Rewriter(self.mod, edits, self.analysis, decided).transform()
 
     def run(
-        self, decided: dict, wanted: Sequence[relax.Var], data: Sequence[Batch]
-    ) -> Iterator[tuple[Batch, list[np.ndarray], np.ndarray]]:
-        """Per batch: the values of ``wanted`` and the first output, ``decided`` applied."""
+        self,
+        decided: dict,
+        wanted: Sequence[relax.Var],
+        data: Sequence[Batch],
+        *,
+        output: bool = True,
+    ) -> Iterator[tuple[Batch, list[np.ndarray], np.ndarray | None]]:
+        """Per batch: the values of ``wanted`` and the first output (``None`` unless
+        ``output``: onnxruntime then runs only the nodes ``wanted`` depends on), ``decided``
+        applied."""
         names = [v.name for v in wanted]
         mod = self.masked(decided)
         if self.kind == "onnxruntime":
-            yield from self._run_ort(mod, names, data)
+            yield from self._run_ort(mod, names, data, output)
         else:
             yield from self._run_tvm(mod, names, data)
 
@@ -217,7 +317,7 @@ class _Engine:
                 first = first[0]
             yield b, [out[k + 1].numpy() for k in range(len(names))], first.numpy()
 
-    def _run_ort(self, mod, names, data):
+    def _run_ort(self, mod, names, data, output):
         import onnx
         import onnxruntime as ort
 
@@ -230,20 +330,123 @@ class _Engine:
             graph = patch_onnx(self.onnx, self.mod, mod, model=self.model)
         tensors = [onnx_tensor(n, graph) for n in names]
         first = graph.graph.output[0].name
+        fetch = [first, *tensors] if output else tensors
+        if not output:
+            _keep_only(graph, tensors)
         known = {o.name for o in graph.graph.output}
-        for t in tensors:
+        for t in fetch:
             if t not in known:
                 graph.graph.output.append(onnx.ValueInfoProto(name=t))
                 known.add(t)
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-        sess = ort.InferenceSession(graph.SerializeToString(), opts, ["CPUExecutionProvider"])
-        fetch = [first, *tensors]
+        sess = _session(graph)
         for b in data:
-            feed = dict(zip(self.input_names, b.inputs))
-            out = sess.run(fetch, feed)
-            yield b, out[1:], out[0]
+            out = sess.run(fetch, self._feed(sess, b))
+            yield b, (out[1:] if output else out), (out[0] if output else None)
+
+    def _feed(self, sess, b: Batch, extra: Mapping[str, np.ndarray] | None = None) -> dict:
+        given = dict(zip(self.input_names, b.inputs), **(extra or {}))
+        return {i.name: given[i.name] for i in sess.get_inputs()}
+
+    def outputs(self, decided: dict, data: Sequence[Batch], changed: Sequence[relax.Var]):
+        """The first output per batch with ``decided`` applied, where only the bindings
+        ``changed`` differ from the dense model (a masked trial changes only the consumers):
+        onnxruntime runs just the nodes downstream of them, fed the dense values of what they
+        read from upstream (one dense pass, cut to those values)."""
+        import onnx
+
+        if self.kind != "onnxruntime":
+            return [out for _, _, out in self.run(decided, [], data)]
+        from .onnx_patch import patch_onnx
+
+        graph = patch_onnx(self.onnx, self.mod, self.masked(decided), model=self.model)
+        cross = _cut_after(graph, {node_of(v.name) for v in changed}, self.onnx)
+        if cross is None:
+            return [out for _, _, out in self._run_ort(self.masked(decided), [], data, True)]
+        key = (tuple(cross), tuple(id(b) for b in data))
+        if self._upstream_key != key:  # the trials of one group share their inputs
+            dense = onnx.ModelProto()
+            dense.CopyFrom(self.onnx)
+            _keep_only(dense, cross)
+            for t in cross:
+                dense.graph.output.append(onnx.ValueInfoProto(name=t))
+            sess = _session(dense)
+            self._upstream = [dict(zip(cross, sess.run(cross, self._feed(sess, b)))) for b in data]
+            self._upstream_key = key
+        for t, a in self._upstream[0].items():
+            elem = onnx.helper.np_dtype_to_tensor_dtype(a.dtype)
+            graph.graph.input.append(onnx.helper.make_tensor_value_info(t, elem, a.shape))
+        sess = _session(graph)
+        first = graph.graph.output[0].name
+        return [sess.run([first], self._feed(sess, b, up))[0] for b, up in zip(data, self._upstream)]
+
+
+def _session(graph):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    return ort.InferenceSession(graph.SerializeToString(), opts, ["CPUExecutionProvider"])
+
+
+def _has_subgraphs(g) -> bool:
+    import onnx
+
+    subgraph = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+    return any(a.type in subgraph for n in g.node for a in n.attribute)
+
+
+def _cut_after(model, start: set, original) -> list[str] | None:
+    """Cut ``model`` (``original`` with some nodes changed or added) down to the nodes
+    downstream of the ``start`` nodes and of the added ones; return the tensors they read
+    from the nodes cut away (to be fed), or ``None`` when it cannot be cut (subgraphs, or the
+    first output is not downstream)."""
+    g = model.graph
+    if _has_subgraphs(g):
+        return None
+    old = {n.name for n in original.graph.node}
+    made, keep = set(), []
+    for node in g.node:  # topological order
+        if node.name in start or node.name not in old or any(i in made for i in node.input):
+            keep.append(node)
+            made.update(node.output)
+    if g.output[0].name not in made:
+        return None
+    outer = {t.name for t in g.initializer} | {i.name for i in g.input}
+    cross = sorted(
+        {i for n in keep for i in n.input if i and i not in made and i not in outer}
+    )
+    del g.node[:]
+    g.node.extend(keep)
+    outputs = [o for o in g.output if o.name in made]
+    del g.output[:]
+    g.output.extend(outputs)
+    return cross
+
+
+def _keep_only(model, tensors: Sequence[str]) -> None:
+    """Cut ``model`` down to the nodes ``tensors`` depend on, with them as the outputs
+    (onnxruntime runs every node of a graph, whatever is fetched). A graph with subgraph
+    attributes (If, Loop) is left whole: their bodies read outer tensors implicitly."""
+    g = model.graph
+    if _has_subgraphs(g):
+        return
+    need, keep = set(tensors), []
+    for node in reversed(g.node):
+        if any(o in need for o in node.output):
+            keep.append(node)
+            need.update(i for i in node.input if i)
+    nodes = list(reversed(keep))
+    del g.node[:]
+    g.node.extend(nodes)
+    del g.output[:]
+    used = {i for n in nodes for i in n.input}
+    inits = [t for t in g.initializer if t.name in used]
+    del g.initializer[:]
+    g.initializer.extend(inits)
+    inputs = [i for i in g.input if i.name in used or i.name in tensors]
+    del g.input[:]
+    g.input.extend(inputs)
 
 
 def onnx_tensor(var_name: str, model) -> str:
@@ -320,6 +523,8 @@ def collect(
 ) -> list[rec.ConsumerData]:
     """Moments of (current, dense) features at every read; current = ``decided`` applied."""
     wanted = list({r.data: None for r in reads})
+    if decided:  # the drift of a residual stream only exists in the network pruned upstream
+        wanted += [v for v in {r.residual: None for r in reads if r.residual is not None}]
     slot = {v: i for i, v in enumerate(wanted)}
     out = [
         rec.ConsumerData(
@@ -331,7 +536,7 @@ def collect(
         for r in reads
     ]
     dense_runs = engine.dense(wanted, data)
-    current_runs = engine.run(decided, wanted, data) if decided else None
+    current_runs = engine.run(decided, wanted, data, output=False) if decided else None
     for b, dense, _ in dense_runs:
         current = next(current_runs)[1] if current_runs is not None else dense
         held = (b.ids % HELD_OUT_EVERY) == HELD_OUT_EVERY - 1
@@ -343,7 +548,15 @@ def collect(
                 sub = Batch(np.where(part, b.ids, -1), b.inputs)
                 idx = _row_filter(r, a_d, sub, rows)
                 f_d = features(a_d, r)[idx]
-                moments.add(f_d if a_c is a_d else features(a_c, r)[idx], f_d)
+                if a_c is a_d:
+                    moments.add(f_d, f_d)
+                    continue
+                target = f_d
+                if r.residual is not None:
+                    drift = dense[slot[r.residual]] - current[slot[r.residual]]
+                    drift = np.moveaxis(drift, r.out_axis, -1).reshape(-1, r.lift.shape[0])
+                    target = f_d + drift[idx].astype(np.float64) @ r.lift
+                moments.add(features(a_c, r)[idx], target)
     return out
 
 
@@ -400,6 +613,7 @@ class CalibrationSettings:
     allocation: str  # "sensitivity" | anything else: keep the given counts
     reconstruct: bool = True
     ridge: float | None = None  # None: chosen on held-out samples
+    residual: bool = True  # consumers ahead of a residual add cancel the stream's drift
 
     @property
     def ridges(self) -> tuple[float, ...]:
@@ -444,6 +658,19 @@ def calibrate_plans(
             log.info("%s: group %s has no consumer to refit; kept as decided", model, gp.name)
     all_reads = [r for st in stages for r in st.reads]
     engine = pick_engine(norm_mod, analysis, onnx_model, all_reads, model)
+    if settings.sequential and settings.residual and settings.reconstruct:
+        attach_residuals(all_reads, analysis, values)
+        for r in all_reads:
+            if r.residual is not None and engine.kind == "onnxruntime":
+                try:
+                    onnx_tensor(r.residual.name, onnx_model)
+                except GraphError:
+                    r.residual = None
+        log.info(
+            "%s: %d consumers ahead of a residual add",
+            model,
+            sum(r.residual is not None for r in all_reads),
+        )
     per = max(1, -(-ROW_BUDGET // n))
     rows = _Rows(per, 0, mask_input)
     log.info(
@@ -552,7 +779,7 @@ def _measure_curves(engine, stages, data, rows, model, settings) -> None:
             curve = []
             for keep, kept in zip(keeps, paths):
                 trial = {st.space: _plan_of(st, kept, mine, model, settings)}
-                got = [out for _, _, out in engine.run(trial, [], subset)]
+                got = engine.outputs(trial, subset, [r.consumer for r in st.reads])
                 err = _output_error(np.concatenate(got), np.concatenate(dense_out))
                 curve.append((1 - keep / units, err))
             st.curve = curve

@@ -112,7 +112,10 @@ def _build_groups(
             sq += per_position[seg.start : seg.stop].reshape(units, -1).sum(axis=1)
         if spectra:
             per_unit = np.concatenate(
-                [unit_spectra(p.weight.reshape(units, -1, p.kernel)) for p in sp.producers],
+                [
+                    unit_spectra(p.weight.astype(np.float64).reshape(units, -1, p.kernel))
+                    for p in sp.producers
+                ],
                 axis=1,
             )
             spec = -np.sort(-per_unit, axis=1)
@@ -413,7 +416,7 @@ def _calibrate(
             return reconstruction.allocate(curves, units, flops, opts.flops_reduction, mins, steps)
 
     settings = calibrated.CalibrationSettings(
-        opts.selection, opts.sequential, allocation, opts.reconstruct, opts.ridge
+        opts.selection, opts.sequential, allocation, opts.reconstruct, opts.ridge, opts.residual
     )
     return calibrated.calibrate_plans(
         norm_mod,

@@ -212,3 +212,100 @@ def test_calibration_with_nan_is_a_clear_error():
     bad = np.full((4, 32), np.nan, np.float32)
     with pytest.raises(OptionError, match="NaN or Inf"):
         prune_module(mod, sparsity=0.3, calibration=bad)
+
+
+def _reads_of(mod, name):
+    func = mod["main"]
+    analysis = analyze_channels(func, name)
+    values = _binding_values(func)
+    order = {b.var: i for i, b in enumerate(b for blk in func.body.blocks for b in blk.bindings)}
+    reads = [
+        r
+        for sp in analysis.prunable()
+        for r in calibrated.consumer_reads(analysis, values, sp.id, order)
+    ]
+    return func, analysis, values, reads
+
+
+def _bottleneck():
+    """conv-BN-ReLU -> [1x1 -> 3x3 -> 1x1-BN] + skip -> ReLU."""
+    g = GraphBuilder("bottleneck", 0)
+    x = g.conv_bn("input", 8, 8, k=1)
+    y = g.conv_bn(x, 8, 4, k=1)
+    y = g.conv_bn(y, 4, 4, k=3)
+    y = g.conv_bn(y, 4, 8, k=1, act=None)
+    out = g.node("Relu", [g.node("Add", [y, x], "add")], "relu")
+    g.rename_output(out, "output")
+    return g.model({"input": [1, 8, 6, 6]}, {"output": [1, 8, 6, 6]})
+
+
+@pytest.mark.parametrize(
+    "family, kernels",
+    [
+        # both layers' output projections (attention, FFN) are added to the stream
+        ("bert_encoder", [(32, 32), (64, 32), (32, 32), (64, 32)]),
+        # only the last 1x1 conv (then BatchNorm, then the add); not the 3x3 one
+        ("bottleneck", [(8, 4, 1, 1)]),
+    ],
+)
+def test_consumers_ahead_of_a_residual_add_are_found_through_bias_and_batchnorm(
+    family, kernels
+):
+    model = _bottleneck() if family == "bottleneck" else synthetic.bert_encoder(seed=0)
+    mod = normalize(load(model))
+    func, analysis, values, reads = _reads_of(mod, family)
+    calibrated.attach_residuals(reads, analysis, values)
+    found = [r for r in reads if r.residual is not None]
+    assert [tuple(values[r.consumer].args[1].value.shape) for r in found] == kernels
+    assert len(reads) > len(found) or family == "bert_encoder"
+    for r in found:
+        w = np.moveaxis(values[r.consumer].args[1].value.numpy(), r.site.axis, 0)
+        w = w.reshape(w.shape[0], -1).astype(np.float64)
+        scale = next(
+            p.scale for sp in analysis.spaces for p in sp.producers if p.var.same_as(r.consumer)
+        )
+        # a drift the consumer can produce (through its weight and the BN / bias scale)
+        # is cancelled exactly by the feature change the lift gives
+        drift = (np.random.default_rng(0).standard_normal((5, w.shape[0])) @ w) * scale
+        np.testing.assert_allclose((drift @ r.lift) @ w * scale, drift, atol=1e-8)
+
+
+def test_a_trial_cut_to_the_nodes_after_its_consumers_gives_the_full_graph_output():
+    model = synthetic.resnet_cifar(seed=2)
+    mod = normalize(load(model))
+    func, analysis, values, reads = _reads_of(mod, "resnet_cifar")
+    data, _ = calibrated.batches(samples(3, input_shape(model), 1), func, "resnet_cifar")
+    engine = calibrated.pick_engine(mod, analysis, model, reads, "resnet_cifar")
+    assert engine.kind == "onnxruntime"
+    dense = [out for _, _, out in engine.run({}, [], data)]
+    for sp in analysis.prunable()[:3]:
+        mine = [r for r in reads if analysis.root[r.seg.space] == sp.id]
+        gp = plan_of_half(sp, producer_names(func, None))
+        full = [out for _, _, out in engine.run({sp.id: gp}, [], data)]
+        cut = engine.outputs({sp.id: gp}, data, [r.consumer for r in mine])
+        for a, b, d in zip(full, cut, dense):
+            np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+            assert np.abs(a - d).max() > 1e-3  # the trial does change the output
+
+
+def test_activations_collected_without_the_output_are_the_same():
+    model = synthetic.resnet_cifar(seed=2)
+    mod = normalize(load(model))
+    func, analysis, values, reads = _reads_of(mod, "resnet_cifar")
+    data, _ = calibrated.batches(samples(2, input_shape(model), 1), func, "resnet_cifar")
+    engine = calibrated.pick_engine(mod, analysis, model, reads, "resnet_cifar")
+    wanted = [reads[0].data, reads[-1].data]
+    with_out = [a for _, a, _ in engine.run({}, wanted, data)]
+    cut = [a for _, a, _ in engine.run({}, wanted, data, output=False)]
+    for x, y in zip(with_out, cut):
+        for a, b in zip(x, y):
+            np.testing.assert_array_equal(a, b)
+
+
+def plan_of_half(space, names):
+    """Keep every other unit of ``space``, no refit."""
+    from tvm_qmfrg.plan import GroupPlan
+
+    name = producer_name(space.producers[0], names)
+    kept = list(range(0, space.units, 2))
+    return GroupPlan(name, [name], space.size, space.unit, kept, [], {}, [])

@@ -422,6 +422,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
+    from .criteria import ABLATIONS
+
     p = sub.add_parser(
         "eval",
         help="accuracy / fidelity vs FLOPs of the pruning criteria on real trained models",
@@ -443,9 +445,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--ablations",
-        default="select,refit,seq,sens,ridge",
+        default=",".join(ABLATIONS),
         help="parts of calibrated pruning to switch off one at a time (qmfrg+cal-X rows): "
-        "select, refit, seq, sens, ridge (default all; '' none)",
+        f"{', '.join(ABLATIONS)} (default all; '' none)",
     )
     p.add_argument(
         "--ablation-reductions",

@@ -240,6 +240,7 @@ ABLATIONS: dict[str, dict] = {
     "select": {"selection": "criterion"},  # the criterion picks, activations only refit
     "refit": {"reconstruct": False},  # activations pick, consumers are not refit
     "seq": {"sequential": False},  # every group from the dense network's activations
+    "resid": {"residual": False},  # consumers ahead of a residual add ignore the stream's drift
     "sens": {"allocation": "uniform"},  # the same fraction of every group
     "ridge": {"ridge": 1e-6},  # a fixed, tiny ridge instead of one chosen on held-out data
 }

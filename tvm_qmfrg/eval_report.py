@@ -13,7 +13,9 @@ _ABLATION_TEXT = (
     "`+cal-X`: the same with one part switched off, to show what it adds: `select` (the "
     "criterion picks the units, activations only refit them), `refit` (activations pick, "
     "no consumer refit), `seq` (every group from the dense network's activations, not "
-    "sequentially), `sens` (uniform allocation instead of measured sensitivity), `ridge` "
+    "sequentially), `resid` (a consumer ahead of a residual add reproduces its own dense "
+    "output, not the dense sum, so it ignores the drift the stream carries), `sens` "
+    "(uniform allocation instead of measured sensitivity), `ridge` "
     "(a fixed tiny ridge instead of one chosen on held-out samples)."
 )
 

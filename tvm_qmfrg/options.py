@@ -74,6 +74,11 @@ class PruneOptions:
         every group from the dense network's activations.
     reconstruct
         With calibration data: refit the consumers (default); ``False``: only choose.
+    residual
+        With calibration data, sequential: a consumer whose output is added to a residual
+        stream (through per-channel affine ops) is fit to reproduce the dense *sum*, so it
+        also cancels the drift the stream carries from the blocks pruned upstream
+        (default); ``False``: it reproduces its own dense output.
     ridge
         With calibration data: the refit's ridge, relative to the mean kept-feature variance;
         ``None`` (default): chosen per consumer on held-out calibration samples.
@@ -92,6 +97,7 @@ class PruneOptions:
     selection: str = "activations"
     sequential: bool = True
     reconstruct: bool = True
+    residual: bool = True
     ridge: float | None = None
 
     def __post_init__(self) -> None:
@@ -132,7 +138,7 @@ class PruneOptions:
             )
         if self.selection not in SELECTIONS:
             raise OptionError(f"selection={self.selection!r} is not one of {', '.join(SELECTIONS)}")
-        for key in ("sequential", "reconstruct"):
+        for key in ("sequential", "reconstruct", "residual"):
             if not isinstance(getattr(self, key), bool):
                 raise OptionError(f"{key} must be True or False, got {getattr(self, key)!r}")
         ridge = _real("ridge", self.ridge)

@@ -66,7 +66,7 @@ class Producer:
 
     var: relax.Var
     op: str
-    weight: np.ndarray  # rows are the output features
+    weight: np.ndarray  # rows are the output features (the constant's dtype, often a view)
     bias: np.ndarray
     scale: np.ndarray
     shift: np.ndarray
@@ -447,7 +447,7 @@ class Walker:
         sid = self.new_space(out_size)
         seg = Segment(sid, 0, out_size, Fraction(1))
         layout = Layout(out_axis, out_size, (seg,))
-        rows = np.moveaxis(weight, w_axis, 0).reshape(out_size, -1).astype(np.float64)
+        rows = np.moveaxis(weight, w_axis, 0).reshape(out_size, -1)  # a view where it can be
         kernel = int(np.prod(weight.shape[2:])) if op.startswith("conv2d") else rows.shape[1]
         prod = Producer(
             var, op, rows, np.zeros(out_size), np.ones(out_size), np.zeros(out_size), kernel
