@@ -44,6 +44,7 @@ HELD_OUT_EVERY = 5  # every 5th calibration sample scores the ridge candidates
 ROW_BUDGET = 65536  # activation rows per consumer (spatial positions / tokens subsampled)
 SENSITIVITY_FRACTIONS = (0.25, 0.5, 0.75, 0.9)
 SENSITIVITY_SAMPLES = 32
+CORRECTIONS = (0.0, 1.0)  # upstream drift a sequential refit corrects: the candidates
 MOMENT_BYTES = 1 << 30  # moments collected in one engine pass, at most
 DENSE_CACHE_BYTES = 1 << 30  # dense activations kept between passes, at most
 
@@ -520,10 +521,17 @@ def collect(
     reads: Sequence[Read],
     data: Sequence[Batch],
     rows: _Rows,
+    correction: float = 1.0,
 ) -> list[rec.ConsumerData]:
-    """Moments of (current, dense) features at every read; current = ``decided`` applied."""
+    """Moments of (current, target) features at every read; current = ``decided`` applied.
+
+    The target is the dense features when nothing is decided; otherwise
+    ``x~ + correction (x - x~)`` (plus ``correction`` times the lifted drift of the residual
+    stream the consumer is added to): ``1`` refits a consumer to reproduce the dense
+    network (upstream drift corrected), ``0`` to reproduce its own output on its pruned input.
+    """
     wanted = list({r.data: None for r in reads})
-    if decided:  # the drift of a residual stream only exists in the network pruned upstream
+    if decided and correction:  # a residual stream only drifts in the network pruned upstream
         wanted += [v for v in {r.residual: None for r in reads if r.residual is not None}]
     slot = {v: i for i, v in enumerate(wanted)}
     out = [
@@ -551,12 +559,16 @@ def collect(
                 if a_c is a_d:
                     moments.add(f_d, f_d)
                     continue
-                target = f_d
+                f_c = features(a_c, r)[idx]
+                if correction == 0:
+                    moments.add(f_c, f_c)
+                    continue
+                target = f_d if correction == 1 else f_c + correction * (f_d - f_c)
                 if r.residual is not None:
                     drift = dense[slot[r.residual]] - current[slot[r.residual]]
                     drift = np.moveaxis(drift, r.out_axis, -1).reshape(-1, r.lift.shape[0])
-                    target = f_d + drift[idx].astype(np.float64) @ r.lift
-                moments.add(features(a_c, r)[idx], target)
+                    target = target + correction * (drift[idx] @ r.lift)
+                moments.add(f_c, target.astype(f_d.dtype))
     return out
 
 
@@ -587,6 +599,7 @@ def _plan_of(
     model: str,
     settings: CalibrationSettings,
     final: bool = False,
+    refit_all: bool = True,
 ) -> GroupPlan:
     """The group's plan with every consumer refit; ``final``: the ridge is chosen on held-out
     samples and too few rows are reported (intermediate refits use the selection ridge)."""
@@ -599,7 +612,7 @@ def _plan_of(
         if last:
             _few_rows(d, kept_f.size, gp.name, model)
         ridges = settings.ridges if last else (settings.ridge or rec.SELECTION_RIDGE,)
-        fit = rec.reconstruct(d, kept_f, ridges)
+        fit = rec.reconstruct(d, kept_f, ridges, refit_all=refit_all)
         refits.append(Refit(d.name, fit.r.astype(np.float32), fit.mu))
     return GroupPlan(gp.name, gp.producers, gp.channels, u, sorted(kept_units), [], {}, refits)
 
@@ -614,6 +627,7 @@ class CalibrationSettings:
     reconstruct: bool = True
     ridge: float | None = None  # None: chosen on held-out samples
     residual: bool = True  # consumers ahead of a residual add cancel the stream's drift
+    correction: float | None = None  # upstream drift a refit corrects; None: chosen (auto)
 
     @property
     def ridges(self) -> tuple[float, ...]:
@@ -690,14 +704,30 @@ def calibrate_plans(
         for i, st in enumerate(stages):
             later = [x.first_producer for x in stages[i + 1 :]]
             st.stale = {k for k, r in enumerate(st.reads) if any(p < r.order for p in later)}
+    if not settings.sequential:
+        decided = _decide(engine, stages, data, rows, model, settings, 1.0, t0)
+    elif settings.correction is not None or not settings.reconstruct:
+        fixed = 1.0 if settings.correction is None else settings.correction
+        decided = _decide(engine, stages, data, rows, model, settings, fixed, t0)
+    else:
+        decided = _choose_correction(engine, stages, data, rows, model, settings, t0)
+    log.info("%s: calibrated pruning done in %.1f s", model, time.perf_counter() - t0)
+    by_space = {st.space: decided[st.space] for st in stages}
+    return [by_space.get(sid, gp) for sid, gp in plans]
+
+
+def _decide(engine, stages, data, rows, model, settings, correction, t0, refit_all=True) -> dict:
+    """Every stage's plan, in order (see the module docstring, item 4)."""
     decided: dict = {}
     for i, st in enumerate(stages):
-        datas = collect(engine, decided if settings.sequential else {}, st.reads, data, rows)
+        datas = collect(
+            engine, decided if settings.sequential else {}, st.reads, data, rows, correction
+        )
         if settings.selection == "activations":
             kept, _ = rec.select_units(datas, st.plan.unit, st.keep)
         else:
             kept = list(st.plan.kept)
-        decided[st.space] = _plan_of(st, kept, datas, model, settings, final=True)
+        decided[st.space] = _plan_of(st, kept, datas, model, settings, True, refit_all)
         log.info(
             "%s: [%d/%d] %s keeps %d of %d units (%.1f s)",
             model,
@@ -709,13 +739,44 @@ def calibrate_plans(
             time.perf_counter() - t0,
         )
     if settings.sequential and settings.reconstruct:
-        _refine(engine, stages, decided, data, rows, model, settings)
-    log.info("%s: calibrated pruning done in %.1f s", model, time.perf_counter() - t0)
-    by_space = {st.space: decided[st.space] for st in stages}
-    return [by_space.get(sid, gp) for sid, gp in plans]
+        _refine(engine, stages, decided, data, rows, model, settings, correction, refit_all)
+    return decided
 
 
-def _refine(engine, stages, decided, data, rows, model, settings) -> None:
+def _choose_correction(engine, stages, data, rows, model, settings, t0) -> dict:
+    """The sequential plans for each of :data:`CORRECTIONS`, refit on the fitting samples
+    only; the one whose network output is closest to the dense one on the held-out samples.
+
+    Which target generalizes depends on the model (measured: a BatchNorm CNN keeps more
+    with the dense target, a LayerNorm transformer with the consumer's own output), so it is
+    chosen on samples no refit has seen.
+    """
+    held = [b for b in data if np.any(b.ids % HELD_OUT_EVERY == HELD_OUT_EVERY - 1)]
+    if not held:
+        return _decide(engine, stages, data, rows, model, settings, 1.0, t0)
+
+    def held_rows(b: Batch, out: np.ndarray) -> np.ndarray:
+        mine = (b.ids >= 0) & (b.ids % HELD_OUT_EVERY == HELD_OUT_EVERY - 1)
+        return out[mine] if out.shape[:1] == b.ids.shape else out
+
+    want = np.concatenate(
+        [held_rows(b, out) for b, (_, _, out) in zip(held, engine.run({}, [], held))]
+    )
+    best = None
+    for c in CORRECTIONS:
+        decided = _decide(engine, stages, data, rows, model, settings, c, t0, refit_all=False)
+        got = np.concatenate(
+            [held_rows(b, out) for b, (_, _, out) in zip(held, engine.run(decided, [], held))]
+        )
+        err = _output_error(got, want)
+        log.info("%s: refit correction %g: held-out output error %.4g", model, c, err)
+        if best is None or err < best[0]:
+            best = (err, c, decided)
+    log.info("%s: refit correction %g chosen", model, best[1])
+    return best[2]
+
+
+def _refine(engine, stages, decided, data, rows, model, settings, correction, refit_all) -> None:
     """Refit every consumer once more, in the order the consumers run, on the activations of
     the network with every group pruned (and the consumers before it refit again)."""
     reads = sorted(
@@ -731,13 +792,13 @@ def _refine(engine, stages, decided, data, rows, model, settings) -> None:
         waves.append([(r, st)])
         done_inputs = {r.data}
     for wave in waves:
-        datas = collect(engine, decided, [r for r, _ in wave], data, rows)
+        datas = collect(engine, decided, [r for r, _ in wave], data, rows, correction)
         for (_, st), d in zip(wave, datas):
             gp = decided[st.space]
             u = gp.unit
             kept_f = np.array([f for k in gp.kept for f in range(k * u, (k + 1) * u)])
             _few_rows(d, kept_f.size, gp.name, model)
-            fit = rec.reconstruct(d, kept_f, settings.ridges)
+            fit = rec.reconstruct(d, kept_f, settings.ridges, refit_all=refit_all)
             gp.refits = [rf for rf in gp.refits if rf.consumer != d.name]
             gp.refits.append(Refit(d.name, fit.r.astype(np.float32), fit.mu))
     log.info("%s: refit %d consumers on the pruned network", model, len(reads))

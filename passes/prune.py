@@ -416,7 +416,13 @@ def _calibrate(
             return reconstruction.allocate(curves, units, flops, opts.flops_reduction, mins, steps)
 
     settings = calibrated.CalibrationSettings(
-        opts.selection, opts.sequential, allocation, opts.reconstruct, opts.ridge, opts.residual
+        opts.selection,
+        opts.sequential,
+        allocation,
+        opts.reconstruct,
+        opts.ridge,
+        opts.residual,
+        opts.correction,
     )
     return calibrated.calibrate_plans(
         norm_mod,

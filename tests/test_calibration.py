@@ -18,6 +18,7 @@ from tvm_qmfrg.passes.prune import (
 from tvm_qmfrg.passes.rewrite import Rewriter, plan_edits
 
 from tvm_qmfrg import OptionError, synthetic
+from tvm_qmfrg.options import PruneOptions
 from tvm_qmfrg.plan import PruningPlan
 from tvm_qmfrg.synthetic import GraphBuilder
 
@@ -309,3 +310,50 @@ def plan_of_half(space, names):
     name = producer_name(space.producers[0], names)
     kept = list(range(0, space.units, 2))
     return GroupPlan(name, [name], space.size, space.unit, kept, [], {}, [])
+
+
+def test_the_refit_target_moves_from_the_own_output_to_the_dense_one_with_the_correction():
+    model = synthetic.resnet_cifar(seed=2)
+    mod = normalize(load(model))
+    func, analysis, values, reads = _reads_of(mod, "resnet_cifar")
+    data, _ = calibrated.batches(samples(4, input_shape(model), 1), func, "resnet_cifar")
+    engine = calibrated.pick_engine(mod, analysis, model, reads, "resnet_cifar")
+    first = analysis.prunable()[0]
+    decided = {first.id: plan_of_half(first, producer_names(func, None))}
+    later = [r for r in reads if analysis.root[r.seg.space] != first.id][-1:]
+    rows = calibrated._Rows(per_sample=10**6)
+    own, half, full = (
+        calibrated.collect(engine, decided, later, data, rows, c)[0].all for c in (0.0, 0.5, 1.0)
+    )
+    dense = calibrated.collect(engine, {}, later, data, rows)[0].all
+    np.testing.assert_allclose(own.sy, own.sx)  # the target is the current input itself
+    np.testing.assert_allclose(full.sy, dense.sy, rtol=1e-5)  # ... or the dense features
+    np.testing.assert_allclose(half.sy, 0.5 * (own.sy + full.sy), rtol=1e-5)
+    assert not np.allclose(own.sx, dense.sx)  # upstream pruning did move the input
+
+
+def test_the_refit_correction_kept_is_the_one_closer_to_dense_on_held_out_samples(caplog):
+    model = synthetic.resnet_cifar(seed=2)
+    mod = load(model)
+    with caplog.at_level(logging.INFO, logger="tvm_qmfrg.passes.calibrated"):
+        prune_module(
+            mod,
+            flops_reduction=0.4,
+            calibration=samples(20, input_shape(model), 0),
+            onnx_model=model,
+            allocation="uniform",
+            model="resnet_cifar",
+        )
+    errors = {
+        float(m.split("correction ")[1].split(":")[0]): float(m.rsplit(" ", 1)[1])
+        for m in caplog.messages
+        if "held-out output error" in m
+    }
+    assert set(errors) == set(calibrated.CORRECTIONS)
+    chosen = [m for m in caplog.messages if m.endswith("chosen")]
+    assert chosen == [f"resnet_cifar: refit correction {min(errors, key=errors.get):g} chosen"]
+
+
+def test_a_correction_outside_zero_to_one_is_a_clear_error():
+    with pytest.raises(OptionError, match=r"correction=1.5 is outside \[0, 1\]"):
+        PruneOptions(flops_reduction=0.3, correction=1.5)

@@ -79,6 +79,13 @@ class PruneOptions:
         stream (through per-channel affine ops) is fit to reproduce the dense *sum*, so it
         also cancels the drift the stream carries from the blocks pruned upstream
         (default); ``False``: it reproduces its own dense output.
+    correction
+        With calibration data, sequential: how much of the drift from the groups pruned
+        upstream a refit corrects, in ``[0, 1]``: ``1`` fits a consumer to the dense
+        network's activations, ``0`` to its own dense output on the input it now reads
+        (layer-local). ``None`` (default): both are run, refit on the fitting samples, and
+        the one whose network output is closer to the dense one on the held-out
+        calibration samples is kept.
     ridge
         With calibration data: the refit's ridge, relative to the mean kept-feature variance;
         ``None`` (default): chosen per consumer on held-out calibration samples.
@@ -98,6 +105,7 @@ class PruneOptions:
     sequential: bool = True
     reconstruct: bool = True
     residual: bool = True
+    correction: float | None = None
     ridge: float | None = None
 
     def __post_init__(self) -> None:
@@ -141,6 +149,10 @@ class PruneOptions:
         for key in ("sequential", "reconstruct", "residual"):
             if not isinstance(getattr(self, key), bool):
                 raise OptionError(f"{key} must be True or False, got {getattr(self, key)!r}")
+        correction = _real("correction", self.correction)
+        if correction is not None and not 0 <= correction <= 1:
+            raise OptionError(f"correction={correction} is outside [0, 1]")
+        object.__setattr__(self, "correction", correction)
         ridge = _real("ridge", self.ridge)
         if ridge is not None and ridge <= 0:
             raise OptionError(f"ridge={ridge} must be > 0")
