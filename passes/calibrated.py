@@ -142,9 +142,7 @@ def attach_residuals(reads: Sequence[Read], analysis: ChannelAnalysis, values: d
     for var, value in values.items():
         for v in relax.analysis.free_vars(value):
             users.setdefault(v, []).append(var)
-    scale_of = {
-        p.var: p.scale for sp in analysis.spaces for p in sp.producers if p.rows is None
-    }
+    scale_of = {p.var: p.scale for sp in analysis.spaces for p in sp.producers if p.rows is None}
     for r in reads:
         call = values[r.consumer]
         scale = scale_of.get(r.consumer)
@@ -320,7 +318,6 @@ class _Engine:
 
     def _run_ort(self, mod, names, data, output):
         import onnx
-        import onnxruntime as ort
 
         from .onnx_patch import patch_onnx
 
@@ -378,7 +375,9 @@ class _Engine:
             graph.graph.input.append(onnx.helper.make_tensor_value_info(t, elem, a.shape))
         sess = _session(graph)
         first = graph.graph.output[0].name
-        return [sess.run([first], self._feed(sess, b, up))[0] for b, up in zip(data, self._upstream)]
+        return [
+            sess.run([first], self._feed(sess, b, up))[0] for b, up in zip(data, self._upstream)
+        ]
 
 
 def _session(graph):
@@ -414,9 +413,7 @@ def _cut_after(model, start: set, original) -> list[str] | None:
     if g.output[0].name not in made:
         return None
     outer = {t.name for t in g.initializer} | {i.name for i in g.input}
-    cross = sorted(
-        {i for n in keep for i in n.input if i and i not in made and i not in outer}
-    )
+    cross = sorted({i for n in keep for i in n.input if i and i not in made and i not in outer})
     del g.node[:]
     g.node.extend(keep)
     outputs = [o for o in g.output if o.name in made]

@@ -29,7 +29,7 @@ import tvm
 from tvm import relax
 from tvm.relax.frontend.onnx import onnx_frontend
 
-from tvm_qmfrg.errors import GraphError
+from tvm_qmfrg.errors import GraphError, one_line
 
 SUB = "#"  # separates a node name from the index of a nested sub-expression
 OUT = ":"  # separates a node name from an output index > 0
@@ -43,12 +43,6 @@ def node_of(var_name: str) -> str:
     base = var_name.split(SUB, 1)[0]
     head, sep, tail = base.rpartition(OUT)
     return head if sep and tail.isdigit() else base
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    msg = next((line.strip() for line in text if line.strip()), type(exc).__name__)
-    return msg[:300]
 
 
 def bind_named(
@@ -144,7 +138,7 @@ class _NamingImporter(onnx_frontend.ONNXGraphImporter):
         except Exception as exc:  # the frontend raises many types; name the node and stop
             raise GraphError(
                 f"{self.model_name}: node '{node_name}' ({op_name}): TVM's ONNX frontend "
-                f"failed: {_first_line(exc)}"
+                f"failed: {one_line(exc)}"
             ) from exc
 
     def _constant_pad(self, op_name, inputs, attrs, opset):
@@ -227,10 +221,10 @@ def import_onnx(
     except GraphError:
         raise
     except Exception as exc:
-        raise GraphError(f"{name}: TVM's ONNX frontend failed: {_first_line(exc)}") from exc
+        raise GraphError(f"{name}: TVM's ONNX frontend failed: {one_line(exc)}") from exc
     try:
         return _Renamer(mod, importer.renames).transform()
     except GraphError:
         raise
     except Exception as exc:
-        raise GraphError(f"{name}: TVM's ONNX frontend failed: {_first_line(exc)}") from exc
+        raise GraphError(f"{name}: TVM's ONNX frontend failed: {one_line(exc)}") from exc

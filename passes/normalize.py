@@ -20,7 +20,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from tvm_qmfrg.errors import GraphError
+from tvm_qmfrg.errors import GraphError, one_line
 
 _CLIP_KERNELS = {"maximum": relax.op.maximum, "minimum": relax.op.minimum}
 
@@ -128,9 +128,8 @@ def normalize(
     try:
         return tvm.transform.Sequential(steps)(mod)
     except Exception as exc:  # TVM raises TVMError, AssertionError, ValueError, ...
-        lines = [x.strip() for x in str(exc).strip().splitlines() if x.strip()]
-        first = lines[-1] if lines else type(exc).__name__
+        reason = one_line(exc, last=True, limit=200)
         raise GraphError(
-            f"{model}: TVM cannot fold the imported module ({first[:200]}); if the model "
+            f"{model}: TVM cannot fold the imported module ({reason}); if the model "
             "computes shapes at run time, give static input sizes (--input-shape)"
         ) from exc

@@ -249,9 +249,7 @@ def _bottleneck():
         ("bottleneck", [(8, 4, 1, 1)]),
     ],
 )
-def test_consumers_ahead_of_a_residual_add_are_found_through_bias_and_batchnorm(
-    family, kernels
-):
+def test_consumers_ahead_of_a_residual_add_are_found_through_bias_and_batchnorm(family, kernels):
     model = _bottleneck() if family == "bottleneck" else synthetic.bert_encoder(seed=0)
     mod = normalize(load(model))
     func, analysis, values, reads = _reads_of(mod, family)

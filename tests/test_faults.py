@@ -225,3 +225,13 @@ def test_a_flops_target_missed_by_rounding_is_a_warning_saying_why(caplog):
 def test_a_model_without_parameters_reports_no_parameter_change():
     plan = PruningPlan("m", "qmfrg", {}, [], [], flops_before=0, params_before=0)
     assert "params 0 -> 0 (n/a)" in plan.table()
+
+
+def test_an_error_message_is_cut_to_its_first_or_last_nonempty_line():
+    from tvm_qmfrg.errors import one_line
+
+    exc = RuntimeError("\n  Traceback (most recent call last):\n  frame\n\n  ValueError: the reason \n")
+    assert one_line(exc) == "Traceback (most recent call last):"
+    assert one_line(exc, last=True) == "ValueError: the reason"
+    assert one_line(exc, last=True, limit=10) == "ValueError"
+    assert one_line(KeyError()) == "KeyError"

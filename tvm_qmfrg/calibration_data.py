@@ -55,7 +55,7 @@ from fractions import Fraction
 
 import numpy as np
 
-from .errors import OptionError
+from .errors import OptionError, one_line
 
 IMAGE_SUFFIXES = (".bmp", ".jpeg", ".jpg", ".png")
 PREPROCESS_KEYS = ("size", "resize", "channels", "scale", "mean", "std", "layout")
@@ -207,7 +207,7 @@ def _load_npy(path: str, inputs: dict[str, InputSpec], where: str) -> dict[str, 
     try:
         array = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise OptionError(f"{where}: not a readable .npy file ({_first_line(exc)})") from exc
+        raise OptionError(f"{where}: not a readable .npy file ({one_line(exc)})") from exc
     if not isinstance(array, np.ndarray):
         array.close()
         raise OptionError(f"{where}: not a .npy file (it holds several arrays: name it .npz)")
@@ -236,7 +236,7 @@ def _load_npz(path: str, inputs: dict[str, InputSpec], where: str) -> dict[str, 
     except OptionError:
         raise
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise OptionError(f"{where}: not a readable .npz file ({_first_line(exc)})") from exc
+        raise OptionError(f"{where}: not a readable .npz file ({one_line(exc)})") from exc
 
 
 def _checked(
@@ -368,7 +368,7 @@ def _load_images(
                 img = _resized(img, size, pre.resize, Image)
                 pixels = np.asarray(img, np.float32)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-            raise OptionError(f"{where}: cannot read image {entry} ({_first_line(exc)})") from exc
+            raise OptionError(f"{where}: cannot read image {entry} ({one_line(exc)})") from exc
         pixels = pixels.reshape(*size, want_c)
         if channels == "BGR":
             pixels = pixels[..., ::-1]
@@ -397,7 +397,3 @@ def _shape(shape) -> str:
 
 def _names(names) -> str:
     return ", ".join(f"'{n}'" for n in names)
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

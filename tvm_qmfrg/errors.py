@@ -43,6 +43,16 @@ class DeviceError(QMFRGError):
     """An RPC server or tracker is unreachable or does not answer, or no board has the key."""
 
 
+def one_line(exc: BaseException, *, last: bool = False, limit: int = 300) -> str:
+    """The first (or ``last``) non-empty line of an exception's message, at most ``limit``
+    characters; the exception's type name when the message is empty. TVM puts the reason on
+    the last line of a traceback-shaped message, most libraries on the first."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    return (lines[-1] if last else lines[0])[:limit]
+
+
 def check_weight(array: np.ndarray, what: str, *, allow_zero: bool = False) -> np.ndarray:
     """Return ``array`` as float64 after checking it is usable as an operator weight.
 

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .errors import ModelError, check_weight
+from .errors import ModelError, check_weight, one_line
 from .operators import LinearOperator
 from .spectral import batchnorm_affine
 
@@ -37,8 +37,7 @@ def load_onnx(path: str | os.PathLike) -> onnx.ModelProto:
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise ModelError(f"{path}: invalid ONNX model ({first})") from exc
+        raise ModelError(f"{path}: invalid ONNX model ({one_line(exc)})") from exc
     return model
 
 

@@ -36,7 +36,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from ..errors import GraphError, ModelError, OptionError, WeightError
+from ..errors import GraphError, ModelError, OptionError, WeightError, one_line
 from .runtime import output_error, random_inputs, run_onnx
 
 log = logging.getLogger(__name__)
@@ -285,8 +285,7 @@ def _fold(model: onnx.ModelProto, name: str) -> onnx.ModelProto:
             )
             return onnx.load(options.optimized_model_filepath)
         except Exception as exc:  # onnxruntime raises its own exception types
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise GraphError(f"{name}: onnxruntime cannot load the model: {first}") from exc
+            raise GraphError(f"{name}: onnxruntime cannot load the model: {one_line(exc)}") from exc
 
 
 def _check_folded(

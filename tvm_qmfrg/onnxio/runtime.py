@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from ..errors import GraphError
+from ..errors import GraphError, one_line
 
 
 def random_inputs(
@@ -38,8 +38,7 @@ def run_onnx(model: onnx.ModelProto, inputs: dict, *, name: str = "model") -> li
         sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
         return sess.run(None, inputs)
     except Exception as exc:  # onnxruntime raises its own exception types
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise GraphError(f"{name}: onnxruntime cannot run the model: {first}") from exc
+        raise GraphError(f"{name}: onnxruntime cannot run the model: {one_line(exc)}") from exc
 
 
 def output_error(got, want) -> float:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from ..errors import GraphError, OptionError
+from ..errors import GraphError, OptionError, one_line
 
 TOP1 = "top-1 agreement"
 COSINE = "mean cosine"
@@ -105,8 +105,7 @@ def _session(model: onnx.ModelProto, name: str):
     import onnxruntime as ort
 
     def failed(exc: Exception) -> GraphError:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        return GraphError(f"{name}: onnxruntime cannot run the model: {first}")
+        return GraphError(f"{name}: onnxruntime cannot run the model: {one_line(exc)}")
 
     try:
         sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
