@@ -230,7 +230,8 @@ def test_a_model_without_parameters_reports_no_parameter_change():
 def test_an_error_message_is_cut_to_its_first_or_last_nonempty_line():
     from tvm_qmfrg.errors import one_line
 
-    exc = RuntimeError("\n  Traceback (most recent call last):\n  frame\n\n  ValueError: the reason \n")
+    text = "\n  Traceback (most recent call last):\n  frame\n\n  ValueError: the reason \n"
+    exc = RuntimeError(text)
     assert one_line(exc) == "Traceback (most recent call last):"
     assert one_line(exc, last=True) == "ValueError: the reason"
     assert one_line(exc, last=True, limit=10) == "ValueError"
