@@ -69,7 +69,20 @@ def main() -> None:
     parser.add_argument("--no-calibrated", action="store_true", help="data-free rows only")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    rows = []
+    rows: list[dict] = []
+
+    def record(row: dict) -> None:  # written after every row: a long run keeps what it measured
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        write_json(
+            args.out,
+            {
+                "command": "python benchmarks/bench_prune.py",
+                "machine": {"cpu": platform.machine(), "cores": os.cpu_count()},
+                "results": rows,
+            },
+        )
+
     for name in args.models.split(","):
         model = getattr(synthetic, name)(seed=0)
         t0 = time.perf_counter()
@@ -79,8 +92,7 @@ def main() -> None:
             prune = QMFRGPrune(criterion=criterion, flops_reduction=REDUCTION)
             t0 = time.perf_counter()
             prune(mod)
-            rows.append(_row(name, criterion, time.perf_counter() - t0, import_s, prune.plan))
-            print(json.dumps(rows[-1]), flush=True)
+            record(_row(name, criterion, time.perf_counter() - t0, import_s, prune.plan))
         if args.no_calibrated:
             continue
         imported = import_model(model, name=name)
@@ -94,16 +106,7 @@ def main() -> None:
             model=name,
         )
         seconds = time.perf_counter() - t0
-        rows.append(_row(name, "qmfrg+cal", seconds, import_s, plan, samples=args.samples))
-        print(json.dumps(rows[-1]), flush=True)
-    write_json(
-        args.out,
-        {
-            "command": "python benchmarks/bench_prune.py",
-            "machine": {"cpu": platform.machine(), "cores": os.cpu_count()},
-            "results": rows,
-        },
-    )
+        record(_row(name, "qmfrg+cal", seconds, import_s, plan, samples=args.samples))
 
 
 if __name__ == "__main__":
