@@ -357,9 +357,11 @@ class _Engine:
         from .onnx_patch import patch_onnx
 
         graph = patch_onnx(self.onnx, self.mod, self.masked(decided), model=self.model)
+        first = graph.graph.output[0].name
         cross = _cut_after(graph, {node_of(v.name) for v in changed}, self.onnx)
-        if cross is None:
-            return [out for _, _, out in self._run_ort(self.masked(decided), [], data, True)]
+        if cross is None:  # left whole: run it as it is
+            sess = _session(graph)
+            return [sess.run([first], self._feed(sess, b))[0] for b in data]
         key = (tuple(cross), tuple(id(b) for b in data))
         if self._upstream_key != key:  # the trials of one group share their inputs
             dense = onnx.ModelProto()
@@ -374,7 +376,6 @@ class _Engine:
             elem = onnx.helper.np_dtype_to_tensor_dtype(a.dtype)
             graph.graph.input.append(onnx.helper.make_tensor_value_info(t, elem, a.shape))
         sess = _session(graph)
-        first = graph.graph.output[0].name
         return [
             sess.run([first], self._feed(sess, b, up))[0] for b, up in zip(data, self._upstream)
         ]

@@ -269,12 +269,18 @@ def test_consumers_ahead_of_a_residual_add_are_found_through_bias_and_batchnorm(
         np.testing.assert_allclose((drift @ r.lift) @ w * scale, drift, atol=1e-8)
 
 
-def test_a_trial_cut_to_the_nodes_after_its_consumers_gives_the_full_graph_output():
+def _resnet_engine(n: int):
+    """resnet_cifar normalized, its reads, ``n`` sample batches and the onnxruntime engine."""
     model = synthetic.resnet_cifar(seed=2)
     mod = normalize(load(model))
     func, analysis, values, reads = _reads_of(mod, "resnet_cifar")
-    data, _ = calibrated.batches(samples(3, input_shape(model), 1), func, "resnet_cifar")
+    data, _ = calibrated.batches(samples(n, input_shape(model), 1), func, "resnet_cifar")
     engine = calibrated.pick_engine(mod, analysis, model, reads, "resnet_cifar")
+    return func, analysis, reads, data, engine
+
+
+def test_a_trial_cut_to_the_nodes_after_its_consumers_gives_the_full_graph_output():
+    func, analysis, reads, data, engine = _resnet_engine(3)
     assert engine.kind == "onnxruntime"
     dense = [out for _, _, out in engine.run({}, [], data)]
     for sp in analysis.prunable()[:3]:
@@ -288,11 +294,7 @@ def test_a_trial_cut_to_the_nodes_after_its_consumers_gives_the_full_graph_outpu
 
 
 def test_activations_collected_without_the_output_are_the_same():
-    model = synthetic.resnet_cifar(seed=2)
-    mod = normalize(load(model))
-    func, analysis, values, reads = _reads_of(mod, "resnet_cifar")
-    data, _ = calibrated.batches(samples(2, input_shape(model), 1), func, "resnet_cifar")
-    engine = calibrated.pick_engine(mod, analysis, model, reads, "resnet_cifar")
+    func, analysis, reads, data, engine = _resnet_engine(2)
     wanted = [reads[0].data, reads[-1].data]
     with_out = [a for _, a, _ in engine.run({}, wanted, data)]
     cut = [a for _, a, _ in engine.run({}, wanted, data, output=False)]
@@ -311,11 +313,7 @@ def plan_of_half(space, names):
 
 
 def test_the_refit_target_moves_from_the_own_output_to_the_dense_one_with_the_correction():
-    model = synthetic.resnet_cifar(seed=2)
-    mod = normalize(load(model))
-    func, analysis, values, reads = _reads_of(mod, "resnet_cifar")
-    data, _ = calibrated.batches(samples(4, input_shape(model), 1), func, "resnet_cifar")
-    engine = calibrated.pick_engine(mod, analysis, model, reads, "resnet_cifar")
+    func, analysis, reads, data, engine = _resnet_engine(4)
     first = analysis.prunable()[0]
     decided = {first.id: plan_of_half(first, producer_names(func, None))}
     later = [r for r in reads if analysis.root[r.seg.space] != first.id][-1:]
