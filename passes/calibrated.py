@@ -34,7 +34,9 @@ from tvm_qmfrg.errors import GraphError, OptionError
 from tvm_qmfrg.plan import GroupPlan, Refit
 
 from .channels import ChannelAnalysis, Segment, Site
+from .frontier import Frontier, can_cut
 from .importer import OUT, SUB, node_of
+from .onnx_patch import patch_onnx
 from .probe import probe_module
 from .rewrite import Rewriter, plan_edits
 
@@ -261,6 +263,67 @@ class _Engine:
         self.cached_bytes = 0
         self._upstream_key: tuple | None = None  # what outputs() fed its last cut graph
         self._upstream: list[dict[str, np.ndarray]] = []
+        self._fronts: tuple[Frontier, Frontier] | None = None  # (dense, current) over _data
+        self._data: Sequence[Batch] | None = None
+        self._state: dict = {}  # space -> the kept units the current frontier holds
+        self._refits: dict = {}  # consumer -> id of the refit the current frontier holds
+        self._held: list = []  # the refits _state names by id, kept alive
+
+    # -- incremental values (the sequential stages): see .frontier -----------------------
+    def outputs_of(self, decided: dict, data: Sequence[Batch], subset: Sequence[Batch]):
+        """The first output of each batch of ``subset`` (batches of ``data``), ``decided``
+        applied: from the frontiers when they hold ``data``."""
+        if not self.incremental(data):
+            return [out for _, _, out in self.run(decided, [], subset)]
+        first = [self.onnx.graph.output[0].name]
+        values = self.current_values(decided, first) if decided else self.dense_values(first)
+        mine = {id(b) for b in subset}
+        return [v[0] for b, v in zip(data, values) if id(b) in mine]
+
+    def incremental(self, data: Sequence[Batch]) -> bool:
+        """Whether values over ``data`` come from the two frontiers (dense and current),
+        which are set up over the batches of the first call."""
+        if self.kind != "onnxruntime" or not can_cut(self.onnx):
+            return False
+        if self._fronts is None:
+            feeds = [dict(zip(self.input_names, b.inputs)) for b in data]
+            self._fronts = (
+                Frontier(self.onnx, feeds, _session),
+                Frontier(self.onnx, feeds, _session),
+            )
+            self._data = data
+        return data is self._data
+
+    def dense_values(self, names: Sequence[str]) -> list[list[np.ndarray]]:
+        """Per batch of the frontiers, the dense values of the ONNX tensors ``names``."""
+        return self._fronts[0].values(names)
+
+    def current_values(self, decided: dict, names: Sequence[str]) -> list[list[np.ndarray]]:
+        """Per batch of the frontiers, the values of ``names`` with ``decided`` applied;
+        only what the consumers changed since the last call is recomputed."""
+        # a group whose kept set changed changes every consumer; a new refit only its own
+        state = {s: (tuple(gp.kept), tuple(gp.offsets.items())) for s, gp in decided.items()}
+        refits = {rf.consumer: id(rf) for gp in decided.values() for rf in gp.refits}
+        whole = {s for s in state.keys() | self._state.keys() if state.get(s) != self._state.get(s)}
+        nodes = {
+            node_of(var.name)
+            for var, sites in self.analysis.sites.items()
+            for site in sites
+            if site.role == "consumer"
+            and any(self.analysis.root[seg.space] in whole for seg in site.layout.segments)
+        }
+        old = self._refits
+        nodes |= {node_of(c) for c in refits.keys() | old.keys() if refits.get(c) != old.get(c)}
+        if nodes:
+            graph = (
+                patch_onnx(self.onnx, self.mod, self.masked(decided), model=self.model)
+                if decided
+                else self.onnx
+            )
+            self._fronts[1].update(graph, nodes | {f"{n}/compensation" for n in nodes})
+            self._state, self._refits = state, refits
+            self._held = [rf for gp in decided.values() for rf in gp.refits]
+        return self._fronts[1].values(names)
 
     def dense(self, wanted: Sequence[relax.Var], data: Sequence[Batch]):
         """:meth:`run` of the dense model (no output), from the cache when every value is
@@ -319,8 +382,6 @@ class _Engine:
     def _run_ort(self, mod, names, data, output):
         import onnx
 
-        from .onnx_patch import patch_onnx
-
         if mod is self.mod:  # the user's graph itself: add outputs to a copy
             graph = onnx.ModelProto()
             graph.CopyFrom(self.onnx)
@@ -354,8 +415,6 @@ class _Engine:
 
         if self.kind != "onnxruntime":
             return [out for _, _, out in self.run(decided, [], data)]
-        from .onnx_patch import patch_onnx
-
         graph = patch_onnx(self.onnx, self.mod, self.masked(decided), model=self.model)
         first = graph.graph.output[0].name
         cross = _cut_after(graph, {node_of(v.name) for v in changed}, self.onnx)
@@ -513,6 +572,24 @@ def _row_filter(read: Read, act: np.ndarray, b: Batch, rows: _Rows) -> np.ndarra
     return idx
 
 
+def _value_pairs(engine: _Engine, decided: dict, wanted, data, need_dense: bool, incremental):
+    """Per batch ``(batch, dense values or None, current values)`` of ``wanted``."""
+    if incremental and engine.incremental(data):
+        names = [onnx_tensor(v.name, engine.onnx) for v in wanted]
+        dense = engine.dense_values(names) if need_dense or not decided else None
+        current = engine.current_values(decided, names) if decided else dense
+        yield from zip(data, dense or [None] * len(data), current)
+        return
+    if not decided:
+        for b, acts, _ in engine.dense(wanted, data):
+            yield b, acts, acts
+        return
+    current_runs = engine.run(decided, wanted, data, output=False)
+    dense_runs = engine.dense(wanted, data) if need_dense else None
+    for b, current, _ in current_runs:
+        yield b, (next(dense_runs)[1] if dense_runs is not None else None), current
+
+
 def collect(
     engine: _Engine,
     decided: dict,
@@ -520,13 +597,17 @@ def collect(
     data: Sequence[Batch],
     rows: _Rows,
     correction: float = 1.0,
+    *,
+    incremental: bool = False,
 ) -> list[rec.ConsumerData]:
     """Moments of (current, target) features at every read; current = ``decided`` applied.
 
     The target is the dense features when nothing is decided; otherwise
     ``x~ + correction (x - x~)`` (plus ``correction`` times the lifted drift of the residual
     stream the consumer is added to): ``1`` refits a consumer to reproduce the dense
-    network (upstream drift corrected), ``0`` to reproduce its own output on its pruned input.
+    network (upstream drift corrected), ``0`` to reproduce its own output on its pruned input
+    (the dense network is not run). ``incremental``: the values come from the engine's
+    frontiers (a sequential stage: only what changed since the last stage is recomputed).
     """
     wanted = list({r.data: None for r in reads})
     if decided and correction:  # a residual stream only drifts in the network pruned upstream
@@ -541,26 +622,22 @@ def collect(
         )
         for r in reads
     ]
-    dense_runs = engine.dense(wanted, data)
-    current_runs = engine.run(decided, wanted, data, output=False) if decided else None
-    for b, dense, _ in dense_runs:
-        current = next(current_runs)[1] if current_runs is not None else dense
+    pairs = _value_pairs(engine, decided, wanted, data, correction != 0, incremental)
+    for b, dense, current in pairs:
         held = (b.ids % HELD_OUT_EVERY) == HELD_OUT_EVERY - 1
         for r, cd in zip(reads, out):
-            a_d, a_c = dense[slot[r.data]], current[slot[r.data]]
+            a_c = current[slot[r.data]]
+            a_d = a_c if dense is None else dense[slot[r.data]]
             for part, moments in ((~held, cd.fit), (held, cd.held)):
                 if not part.any():
                     continue
                 sub = Batch(np.where(part, b.ids, -1), b.inputs)
-                idx = _row_filter(r, a_d, sub, rows)
-                f_d = features(a_d, r)[idx]
-                if a_c is a_d:
-                    moments.add(f_d, f_d)
-                    continue
+                idx = _row_filter(r, a_c, sub, rows)
                 f_c = features(a_c, r)[idx]
-                if correction == 0:
+                if a_d is a_c or correction == 0:
                     moments.add(f_c, f_c)
                     continue
+                f_d = features(a_d, r)[idx]
                 target = f_d if correction == 1 else f_c + correction * (f_d - f_c)
                 if r.residual is not None:
                     drift = dense[slot[r.residual]] - current[slot[r.residual]]
@@ -719,7 +796,13 @@ def _decide(engine, stages, data, rows, model, settings, correction, t0, refit_a
     decided: dict = {}
     for i, st in enumerate(stages):
         datas = collect(
-            engine, decided if settings.sequential else {}, st.reads, data, rows, correction
+            engine,
+            decided if settings.sequential else {},
+            st.reads,
+            data,
+            rows,
+            correction,
+            incremental=settings.sequential,
         )
         if settings.selection == "activations":
             kept, _ = rec.select_units(datas, st.plan.unit, st.keep)
@@ -757,15 +840,17 @@ def _choose_correction(engine, stages, data, rows, model, settings, t0) -> dict:
         mine = (b.ids >= 0) & (b.ids % HELD_OUT_EVERY == HELD_OUT_EVERY - 1)
         return out[mine] if out.shape[:1] == b.ids.shape else out
 
-    want = np.concatenate(
-        [held_rows(b, out) for b, (_, _, out) in zip(held, engine.run({}, [], held))]
-    )
-    best = None
+    candidates = []
     for c in CORRECTIONS:
         decided = _decide(engine, stages, data, rows, model, settings, c, t0, refit_all=False)
-        got = np.concatenate(
-            [held_rows(b, out) for b, (_, _, out) in zip(held, engine.run(decided, [], held))]
-        )
+        got = [held_rows(b, out) for b, out in zip(held, engine.outputs_of(decided, data, held))]
+        candidates.append((c, decided, np.concatenate(got)))
+    # the dense outputs last: the frontier of the dense network is then near the end
+    want = np.concatenate(
+        [held_rows(b, out) for b, out in zip(held, engine.outputs_of({}, data, held))]
+    )
+    best = None
+    for c, decided, got in candidates:
         err = _output_error(got, want)
         log.info("%s: refit correction %g: held-out output error %.4g", model, c, err)
         if best is None or err < best[0]:
@@ -790,7 +875,9 @@ def _refine(engine, stages, decided, data, rows, model, settings, correction, re
         waves.append([(r, st)])
         done_inputs = {r.data}
     for wave in waves:
-        datas = collect(engine, decided, [r for r, _ in wave], data, rows, correction)
+        datas = collect(
+            engine, decided, [r for r, _ in wave], data, rows, correction, incremental=True
+        )
         for (_, st), d in zip(wave, datas):
             gp = decided[st.space]
             u = gp.unit

@@ -106,7 +106,9 @@ def plan_edits(analysis: ChannelAnalysis, decided: dict, *, mask: bool = False) 
         edit = _Edit()
         for site in sites:
             keep = _keep_positions(analysis, site.layout, decided)
-            if site.role == "consumer":
+            if site.role == "consumer" and any(
+                analysis.root[seg.space] in decided for seg in site.layout.segments
+            ):  # a consumer of undecided groups only is left as it is
                 edit.folds.append(site)
             if keep is None:
                 continue

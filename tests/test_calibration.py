@@ -353,3 +353,21 @@ def test_the_refit_correction_kept_is_the_one_closer_to_dense_on_held_out_sample
 def test_a_correction_outside_zero_to_one_is_a_clear_error():
     with pytest.raises(OptionError, match=r"correction=1.5 is outside \[0, 1\]"):
         PruneOptions(flops_reduction=0.3, correction=1.5)
+
+
+def test_a_sequential_stage_collects_through_the_frontiers_what_full_runs_collect():
+    func, analysis, reads, data, engine = _resnet_engine(3)
+    spaces = analysis.prunable()[:3]
+    names = producer_names(func, None)
+    rows = calibrated._Rows(per_sample=10**6)
+    decided: dict = {}
+    for sp in spaces:  # decided grows stage by stage, as in the sequential pass
+        later = [r for r in reads if analysis.root[r.seg.space] not in decided][-2:]
+        for c in (0.0, 1.0):
+            full = calibrated.collect(engine, decided, later, data, rows, c)
+            step = calibrated.collect(engine, decided, later, data, rows, c, incremental=True)
+            for a, b in zip(full, step):
+                np.testing.assert_allclose(b.all.sxy, a.all.sxy, rtol=1e-5, atol=1e-6)
+                np.testing.assert_allclose(b.all.sx, a.all.sx, rtol=1e-5, atol=1e-6)
+        decided[sp.id] = plan_of_half(sp, names)
+    assert engine.incremental(data)
