@@ -267,7 +267,8 @@ class _Engine:
         self._data: Sequence[Batch] | None = None
         self._state: dict = {}  # space -> the kept units the current frontier holds
         self._refits: dict = {}  # consumer -> id of the refit the current frontier holds
-        self._held: list = []  # the refits _state names by id, kept alive
+        self._held: list = []  # the refits _refits names by id, kept alive
+        self._consumers: dict[int, set[str]] | None = None  # space -> consumer ONNX nodes
 
     # -- incremental values (the sequential stages): see .frontier -----------------------
     def outputs_of(self, decided: dict, data: Sequence[Batch], subset: Sequence[Batch]):
@@ -294,6 +295,19 @@ class _Engine:
             self._data = data
         return data is self._data
 
+    def _consumer_nodes(self) -> dict[int, set[str]]:
+        """Per space, the ONNX nodes of the consumers reading it (built once)."""
+        if self._consumers is None:
+            self._consumers = {}
+            for var, sites in self.analysis.sites.items():
+                for site in sites:
+                    if site.role != "consumer":
+                        continue
+                    for seg in site.layout.segments:
+                        space = self.analysis.root[seg.space]
+                        self._consumers.setdefault(space, set()).add(node_of(var.name))
+        return self._consumers
+
     def dense_values(self, names: Sequence[str]) -> list[list[np.ndarray]]:
         """Per batch of the frontiers, the dense values of the ONNX tensors ``names``."""
         return self._fronts[0].values(names)
@@ -305,13 +319,7 @@ class _Engine:
         state = {s: (tuple(gp.kept), tuple(gp.offsets.items())) for s, gp in decided.items()}
         refits = {rf.consumer: id(rf) for gp in decided.values() for rf in gp.refits}
         whole = {s for s in state.keys() | self._state.keys() if state.get(s) != self._state.get(s)}
-        nodes = {
-            node_of(var.name)
-            for var, sites in self.analysis.sites.items()
-            for site in sites
-            if site.role == "consumer"
-            and any(self.analysis.root[seg.space] in whole for seg in site.layout.segments)
-        }
+        nodes = {n for s in whole for n in self._consumer_nodes().get(s, ())}
         old = self._refits
         nodes |= {node_of(c) for c in refits.keys() | old.keys() if refits.get(c) != old.get(c)}
         if nodes:

@@ -145,10 +145,9 @@ class Frontier:
             [onnx.ValueInfoProto(name=t) for t in fetch],
             [t for t in g.initializer if t.name in used],
         )
-        out = onnx.helper.make_model(
+        return onnx.helper.make_model(
             window, opset_imports=self.model.opset_import, ir_version=self.model.ir_version
         )
-        return out
 
     def _input_info(self, tensor: str) -> onnx.ValueInfoProto:
         if tensor in self.inputs:
