@@ -43,8 +43,11 @@ from .rewrite import Rewriter, plan_edits
 log = logging.getLogger(__name__)
 
 HELD_OUT_EVERY = 5  # every 5th calibration sample scores the ridge candidates
-ROW_BUDGET = 65536  # activation rows per consumer (spatial positions / tokens subsampled)
-SENSITIVITY_FRACTIONS = (0.25, 0.5, 0.75, 0.9)
+ROW_BUDGET = 65536  # activation rows per consumer, at most (positions / tokens subsampled)
+ROWS_PER_FEATURE = 16  # ... and no more than this many per feature read, above MIN_ROWS
+MIN_ROWS = 16384
+SENSITIVITY_FRACTIONS = (0.25, 0.5, 0.75, 0.9)  # the points of a group's loss curve
+SENSITIVITY_TRIALS = (0.5, 0.9)  # ... measured on the network's output (the rest scaled)
 SENSITIVITY_SAMPLES = 32
 CORRECTIONS = (0.0, 1.0)  # upstream drift a sequential refit corrects: the candidates
 MOMENT_BYTES = 1 << 30  # moments collected in one engine pass, at most
@@ -261,8 +264,7 @@ class _Engine:
         self.kind = "onnxruntime" if onnx_model is not None else "tvm"
         self.cache: dict[tuple[int, str], np.ndarray] = {}  # (batch id, tensor) -> dense
         self.cached_bytes = 0
-        self._upstream_key: tuple | None = None  # what outputs() fed its last cut graph
-        self._upstream: list[dict[str, np.ndarray]] = []
+        self._trials: tuple[Sequence[Batch], Frontier] | None = None  # see _trial_inputs
         self._fronts: tuple[Frontier, Frontier] | None = None  # (dense, current) over _data
         self._data: Sequence[Batch] | None = None
         self._state: dict = {}  # space -> the kept units the current frontier holds
@@ -429,23 +431,25 @@ class _Engine:
         if cross is None:  # left whole: run it as it is
             sess = _session(graph)
             return [sess.run([first], self._feed(sess, b))[0] for b in data]
-        key = (tuple(cross), tuple(id(b) for b in data))
-        if self._upstream_key != key:  # the trials of one group share their inputs
-            dense = onnx.ModelProto()
-            dense.CopyFrom(self.onnx)
-            _keep_only(dense, cross)
-            for t in cross:
-                dense.graph.output.append(onnx.ValueInfoProto(name=t))
-            sess = _session(dense)
-            self._upstream = [dict(zip(cross, sess.run(cross, self._feed(sess, b)))) for b in data]
-            self._upstream_key = key
-        for t, a in self._upstream[0].items():
+        upstream = [dict(zip(cross, v)) for v in self._trial_inputs(data).values(cross)]
+        for t, a in upstream[0].items():
             elem = onnx.helper.np_dtype_to_tensor_dtype(a.dtype)
             graph.graph.input.append(onnx.helper.make_tensor_value_info(t, elem, a.shape))
         sess = _session(graph)
-        return [
-            sess.run([first], self._feed(sess, b, up))[0] for b, up in zip(data, self._upstream)
-        ]
+        return [sess.run([first], self._feed(sess, b, up))[0] for b, up in zip(data, upstream)]
+
+    def _trial_inputs(self, data: Sequence[Batch]) -> Frontier:
+        """The dense values over ``data`` that trials read from upstream: one frontier over
+        the trials' batches (the groups go through the network in order, so each upstream
+        node runs about once for all of them)."""
+        if self._trials is None or self._trials[0] is not data:
+            feeds = [dict(zip(self.input_names, b.inputs)) for b in data]
+            self._trials = (data, Frontier(self.onnx, feeds, _session))
+        return self._trials[1]
+
+    def end_trials(self) -> None:
+        """Free the trials' upstream values."""
+        self._trials = None
 
 
 def _session(graph):
@@ -547,11 +551,24 @@ def pick_engine(norm_mod, analysis, onnx_model, reads: Sequence[Read], model: st
 # ---- collection ------------------------------------------------------------------------
 @dataclass
 class _Rows:
-    """Which rows of a read's activation to keep (subsampled, padding dropped)."""
+    """Which rows of a read's activation to keep (subsampled, padding dropped).
 
-    per_sample: int
+    A read of ``F`` features keeps about ``min(ROW_BUDGET, max(MIN_ROWS, ROWS_PER_FEATURE
+    F))`` rows over the ``samples``: the moments cost ``rows F^2``, and a ridge fit of ``F``
+    features is settled long before ``16 F`` rows (``samples = 0``: ``per_sample`` alone).
+    """
+
+    per_sample: int  # rows per sample, at most
     seed: int = 0
     mask_input: int | None = None  # index of a (batch, tokens) 0/1 input: padding dropped
+    samples: int = 0
+
+    def cap(self, features: int) -> int:
+        """Rows per sample kept of a read of ``features`` features."""
+        if not self.samples:
+            return self.per_sample
+        budget = min(ROW_BUDGET, max(MIN_ROWS, ROWS_PER_FEATURE * features))
+        return min(self.per_sample, max(1, -(-budget // self.samples)))
 
 
 def _row_filter(read: Read, act: np.ndarray, b: Batch, rows: _Rows) -> np.ndarray:
@@ -568,13 +585,14 @@ def _row_filter(read: Read, act: np.ndarray, b: Batch, rows: _Rows) -> np.ndarra
         if lay.axis == act.ndim - 1 and act.ndim == 3 and act.shape[:2] == mask.shape:
             ok &= mask.reshape(-1) != 0
     idx = np.flatnonzero(ok)
-    if per > rows.per_sample:
+    cap = rows.cap(read.seg.features)
+    if per > cap:
         rng = np.random.default_rng(rows.seed + int(b.ids.max(initial=0)))
         keep = []
         for s in range(batch):
             lo = idx[(idx >= s * per) & (idx < (s + 1) * per)]
-            if lo.size > rows.per_sample:
-                lo = np.sort(rng.choice(lo, rows.per_sample, replace=False))
+            if lo.size > cap:
+                lo = np.sort(rng.choice(lo, cap, replace=False))
             keep.append(lo)
         idx = np.concatenate(keep) if keep else idx
     return idx
@@ -621,19 +639,27 @@ def collect(
     if decided and correction:  # a residual stream only drifts in the network pruned upstream
         wanted += [v for v in {r.residual: None for r in reads if r.residual is not None}]
     slot = {v: i for i, v in enumerate(wanted)}
-    out = [
-        rec.ConsumerData(
-            r.consumer.name,  # the binding the refit folds into (rewrite matches it)
-            r.gram,
-            rec.Moments.empty(r.seg.features),
-            rec.Moments.empty(r.seg.features),
+    # reads of the same features with the same target (Q, K and V of one input) share moments
+    first: dict[tuple, rec.ConsumerData] = {}
+    out, own = [], []
+    for r in reads:
+        lay, seg = r.site.layout, r.seg
+        key = (r.data, lay.axis, lay.size, seg.start, seg.stop, seg.ppf, r.residual)
+        shared = first.get(key) if r.residual is None else None
+        fit, held = (
+            (shared.fit, shared.held)
+            if shared is not None
+            else (rec.Moments.empty(seg.features), rec.Moments.empty(seg.features))
         )
-        for r in reads
-    ]
+        # the name is the binding the refit folds into (rewrite matches it)
+        out.append(rec.ConsumerData(r.consumer.name, r.gram, fit, held))
+        first.setdefault(key, out[-1])
+        if shared is None:
+            own.append((r, out[-1]))
     pairs = _value_pairs(engine, decided, wanted, data, correction != 0, incremental)
     for b, dense, current in pairs:
         held = (b.ids % HELD_OUT_EVERY) == HELD_OUT_EVERY - 1
-        for r, cd in zip(reads, out):
+        for r, cd in own:
             a_c = current[slot[r.data]]
             a_d = a_c if dense is None else dense[slot[r.data]]
             for part, moments in ((~held, cd.fit), (held, cd.held)):
@@ -726,11 +752,13 @@ def calibrate_plans(
     onnx_model,
     settings: CalibrationSettings,
     *,
-    allocate: Callable[[list[list[tuple[float, float]]]], list[int]] | None = None,
+    allocate: Callable[[list[list[tuple[float, float]]], dict[int, int]], list[int]] | None = None,
     model: str = "model",
 ) -> list[GroupPlan]:
     """The calibrated plans of ``plans`` (``(space id, data-free plan)`` pairs, whose kept
-    counts are the budget unless ``allocate`` turns measured loss curves into counts)."""
+    counts are the budget unless ``allocate`` turns measured loss curves into counts: it
+    takes one curve per plan and the kept counts of the plans it must not change, the groups
+    without a consumer to refit)."""
     t0 = time.perf_counter()
     func = norm_mod["main"]
     order = {
@@ -769,7 +797,7 @@ def calibrate_plans(
             sum(r.residual is not None for r in all_reads),
         )
     per = max(1, -(-ROW_BUDGET // n))
-    rows = _Rows(per, 0, mask_input)
+    rows = _Rows(per, 0, mask_input, n)
     log.info(
         "%s: calibrated pruning of %d groups on %d samples (activations by %s)",
         model,
@@ -777,12 +805,15 @@ def calibrate_plans(
         n,
         engine.kind,
     )
+    stages.sort(key=lambda st: min(r.order for r in st.reads))
     if allocate is not None and stages:
         _measure_curves(engine, stages, data, rows, model, settings)
-        keep = allocate([st.curve for st in stages])
-        for st, k in zip(stages, keep):
-            st.keep = k
-    stages.sort(key=lambda st: min(r.order for r in st.reads))
+        by_space = {st.space: st for st in stages}
+        curves = [by_space[sid].curve if sid in by_space else [] for sid, _ in plans]
+        fixed = {g: len(gp.kept) for g, (sid, gp) in enumerate(plans) if sid not in by_space}
+        for (sid, _), k in zip(plans, allocate(curves, fixed)):
+            if sid in by_space:
+                by_space[sid].keep = k
     if settings.sequential:  # a read runs after a group decided later: refit it at the end
         for i, st in enumerate(stages):
             later = [x.first_producer for x in stages[i + 1 :]]
@@ -899,13 +930,19 @@ def _refine(engine, stages, decided, data, rows, model, settings, correction, re
 
 def _measure_curves(engine, stages, data, rows, model, settings) -> None:
     """Each group pruned alone (activation selection + refit on dense activations) by
-    :data:`SENSITIVITY_FRACTIONS`: the relative output error on the first samples."""
+    :data:`SENSITIVITY_FRACTIONS`: the relative output error on the first samples.
+
+    The error of the network's output is measured at :data:`SENSITIVITY_TRIALS`; between
+    and around them it follows the group's own loss (the consumers' relative output loss
+    of :func:`~tvm_qmfrg.reconstruction.select_path`, free along the elimination path),
+    scaled by the measured ratio of network to own loss (interpolated in log space).
+    """
     subset = []
     for b in data:
         subset.append(b)
         if sum(int((x.ids >= 0).sum()) for x in subset) >= SENSITIVITY_SAMPLES:
             break
-    dense_out = [out for _, _, out in engine.run({}, [], subset)]
+    dense_out = np.concatenate([out for _, _, out in engine.run({}, [], subset)])
     budget, chunk = MOMENT_BYTES, []
     chunks = []
     for st in stages:
@@ -924,22 +961,46 @@ def _measure_curves(engine, stages, data, rows, model, settings) -> None:
         for st in chunk:
             mine = datas[k : k + len(st.reads)]
             k += len(st.reads)
-            units = st.plan.units
-            keeps = sorted(
-                {max(1, units - int(round(f * units))) for f in SENSITIVITY_FRACTIONS} - {units},
-                reverse=True,
-            )
-            paths, _ = rec.select_path(mine, st.plan.unit, keeps) if keeps else ([], [])
-            curve = []
-            for keep, kept in zip(keeps, paths):
-                trial = {st.space: _plan_of(st, kept, mine, model, settings)}
-                got = engine.outputs(trial, subset, [r.consumer for r in st.reads])
-                err = _output_error(np.concatenate(got), np.concatenate(dense_out))
-                curve.append((1 - keep / units, err))
-            st.curve = curve
+            st.curve = _curve(engine, st, mine, subset, dense_out, model, settings)
             log.info(
                 "%s: sensitivity of %s: %s",
                 model,
                 st.plan.name,
-                ", ".join(f"{f:.0%}: {e:.3g}" for f, e in curve),
+                ", ".join(f"{f:.0%}: {e:.3g}" for f, e in st.curve),
             )
+    engine.end_trials()
+
+
+def _curve(engine, st: Stage, mine, subset, dense_out, model, settings):
+    """``[(fraction removed, network output error)]`` of one group (see _measure_curves)."""
+    units = st.plan.units
+
+    def keep_of(f: float) -> int:
+        return max(1, units - int(round(f * units)))
+
+    keeps = sorted({keep_of(f) for f in SENSITIVITY_FRACTIONS} - {units}, reverse=True)
+    if not keeps:
+        return []
+    paths, path_loss = rec.select_path(mine, st.plan.unit, keeps)
+    own = dict(path_loss)  # units removed -> the consumers' loss
+    measured = {keep_of(f) for f in SENSITIVITY_TRIALS} & set(keeps) or {keeps[0]}
+    ratios = []  # (fraction removed, log(network error / own loss))
+    errors = {}
+    for keep, kept in zip(keeps, paths):
+        if keep not in measured:
+            continue
+        trial = {st.space: _plan_of(st, kept, mine, model, settings)}
+        got = engine.outputs(trial, subset, [r.consumer for r in st.reads])
+        errors[keep] = _output_error(np.concatenate(got), dense_out)
+        ratios.append(
+            (1 - keep / units, np.log((errors[keep] + 1e-12) / (own[units - keep] + 1e-12)))
+        )
+    xs, ys = np.array([r[0] for r in ratios]), np.array([r[1] for r in ratios])
+    curve = []
+    for keep in keeps:
+        f = 1 - keep / units
+        err = errors.get(keep)
+        if err is None:
+            err = (own[units - keep] + 1e-12) * float(np.exp(np.interp(f, xs, ys))) - 1e-12
+        curve.append((f, max(err, 0.0)))
+    return curve

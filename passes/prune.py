@@ -412,8 +412,10 @@ def _calibrate(
         mins = [max(1, math.ceil(opts.min_channels / w)) for w in widths]
         steps = [max(1, opts.round_to // math.gcd(opts.round_to, w)) for w in widths]
 
-        def allocate(curves):
-            return reconstruction.allocate(curves, units, flops, opts.flops_reduction, mins, steps)
+        def allocate(curves, fixed):
+            return reconstruction.allocate(
+                curves, units, flops, opts.flops_reduction, mins, steps, fixed=fixed
+            )
 
     settings = calibrated.CalibrationSettings(
         opts.selection,

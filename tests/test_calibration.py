@@ -17,7 +17,7 @@ from tvm_qmfrg.passes.prune import (
 )
 from tvm_qmfrg.passes.rewrite import Rewriter, plan_edits
 
-from tvm_qmfrg import OptionError, synthetic
+from tvm_qmfrg import OptionError, reconstruction, synthetic
 from tvm_qmfrg.options import PruneOptions
 from tvm_qmfrg.plan import PruningPlan
 from tvm_qmfrg.synthetic import GraphBuilder
@@ -371,3 +371,49 @@ def test_a_sequential_stage_collects_through_the_frontiers_what_full_runs_collec
                 np.testing.assert_allclose(b.all.sx, a.all.sx, rtol=1e-5, atol=1e-6)
         decided[sp.id] = plan_of_half(sp, names)
     assert engine.incremental(data)
+
+
+def test_reads_of_the_same_features_share_their_moments_and_equal_their_own():
+    func, analysis, reads, data, engine = _resnet_engine(3)
+    rows = calibrated._Rows(per_sample=10**6)
+    by_input: dict = {}
+    for r in reads:
+        by_input.setdefault((r.data, r.seg.start, r.seg.stop), []).append(r)
+    pair = next(rs for rs in by_input.values() if len(rs) > 1)[:2]
+    together = calibrated.collect(engine, {}, pair, data, rows)
+    assert together[0].fit is together[1].fit  # one set of moments for both consumers
+    alone = calibrated.collect(engine, {}, pair[1:], data, rows)[0]
+    np.testing.assert_allclose(together[1].all.sxx, alone.all.sxx)
+    assert together[1].name == pair[1].consumer.name
+    np.testing.assert_array_equal(together[1].gram, pair[1].gram)
+
+
+def test_a_wide_read_keeps_about_sixteen_rows_per_feature_and_a_narrow_one_the_floor():
+    rows = calibrated._Rows(per_sample=10**6, samples=256)
+    assert rows.cap(4096) * 256 == pytest.approx(calibrated.ROW_BUDGET, rel=0.01)
+    assert rows.cap(2048) * 256 == pytest.approx(16 * 2048, rel=0.01)
+    assert rows.cap(8) * 256 == pytest.approx(calibrated.MIN_ROWS, rel=0.01)
+    assert calibrated._Rows(per_sample=7).cap(2048) == 7  # no sample count: the given cap
+
+
+def test_a_sensitivity_curve_holds_the_measured_network_error_at_its_trial_fractions():
+    func, analysis, reads, data, engine = _resnet_engine(3)
+    sp = analysis.prunable()[1]
+    mine = [r for r in reads if analysis.root[r.seg.space] == sp.id]
+    stage = calibrated.Stage(sp.id, plan_of_half(sp, producer_names(func, None)), mine, 1, 0)
+    settings = calibrated.CalibrationSettings("activations", True, "sensitivity")
+    rows = calibrated._Rows(per_sample=10**6)
+    datas = calibrated.collect(engine, {}, mine, data, rows)
+    dense = np.concatenate([out for _, _, out in engine.run({}, [], data)])
+    curve = calibrated._curve(engine, stage, datas, data, dense, "resnet_cifar", settings)
+    assert [f for f, _ in curve] == pytest.approx(
+        [1 - max(1, sp.units - round(f * sp.units)) / sp.units for f in (0.25, 0.5, 0.75, 0.9)]
+    )
+    units = sp.units
+    keep = max(1, units - round(0.5 * units))
+    (kept,), _ = reconstruction.select_path(datas, stage.plan.unit, [keep])
+    trial = {sp.id: calibrated._plan_of(stage, kept, datas, "resnet_cifar", settings)}
+    got = np.concatenate(engine.outputs(trial, data, [r.consumer for r in mine]))
+    half = dict(curve)[1 - keep / units]
+    assert half == pytest.approx(calibrated._output_error(got, dense), rel=1e-6)
+    assert all(np.isfinite(e) and e >= 0 for _, e in curve)

@@ -170,3 +170,13 @@ def test_sensitivity_allocation_stays_within_the_measured_fractions_when_it_can(
     keep = rec.allocate([cheap, dear], [10, 10], two_group_flops(), 0.4, [1, 1], [1, 1])
     assert keep[0] == 5  # not past its measured 50 %, though its curve is flat
     assert 1 - (keep[0] + keep[1]) * 10 / 200 >= 0.4
+
+
+def test_sensitivity_allocation_leaves_a_fixed_group_at_its_count():
+    cheap = [(0.25, 0.001), (0.5, 0.002), (0.75, 0.004)]
+    dear = [(0.25, 0.1), (0.5, 0.3), (0.75, 0.9)]
+    keep = rec.allocate(
+        [cheap, dear], [10, 10], two_group_flops(), 0.3, [1, 1], [1, 1], fixed={0: 9}
+    )
+    assert keep[0] == 9  # the cheap group would go first, but it is held
+    assert 1 - (keep[0] + keep[1]) * 10 / 200 >= 0.3

@@ -65,3 +65,26 @@ def test_allocations_differ_and_unknown_is_rejected():
     assert uniform != global_
     with pytest.raises(OptionError, match="unknown allocation 'greedy'"):
         select(groups, scorers, [1] * 3, allocation="greedy", **kw)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.integers(2, 40),
+    st.sampled_from(["homogeneous", "linear", "odd"]),
+    st.integers(0, 5),
+    st.integers(0, 3),
+)
+def test_a_scorers_best_of_every_unit_at_once_is_its_best_of_each(units, merge, seed, dead):
+    rng = np.random.default_rng(seed)
+    states = rng.standard_normal((units, 5))
+    states[rng.choice(units, min(dead, units - 1), replace=False)] = 0.0  # dead units
+    states[1] = 2.5 * states[0]  # an exact merge pair
+    alive = rng.random(units) < 0.7
+    group = ChannelGroup("g", states, rng.random(units) + 0.1, np.ones((units, 1)), merge)
+    scorer = get("qmfrg")(group, rng)
+    at_once = scorer.best_all(alive)
+    for j in range(units):
+        want = scorer.best(j, alive)
+        assert at_once[j][1] == want[1]
+        np.testing.assert_allclose(at_once[j][0], want[0], rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(at_once[j][2], want[2], rtol=1e-12, atol=1e-15)

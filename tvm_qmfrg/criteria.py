@@ -82,6 +82,10 @@ class Scorer:
     def best(self, j: int, alive: np.ndarray) -> tuple[float, int, float]:
         return float(self.costs[j] / self.scale), -1, 0.0
 
+    def best_all(self, alive: np.ndarray) -> list[tuple[float, int, float]]:
+        """:meth:`best` of every unit (alive or not) against ``alive``."""
+        return [self.best(j, alive) for j in range(alive.size)]
+
 
 class MergeScorer(Scorer):
     """qmfrg: cost of merging ``j`` into its nearest valid alive unit (DESIGN.md bound)."""
@@ -111,6 +115,11 @@ class MergeScorer(Scorer):
     def exact_cosine(self, j: int, i: np.ndarray) -> np.ndarray:
         return (self.states[i] @ self.states[j]) / (self.norms[i] * self.norms[j])
 
+    def _exact(self, j: int, i: int) -> float:
+        """The float64 cosine of the chosen pair (one expression for :meth:`best` and
+        :meth:`best_all`: near an exact merge ``sin`` amplifies its last bits)."""
+        return float(self.states[i] @ self.states[j]) / (self.norms[i] * self.norms[j])
+
     def best(self, j: int, alive: np.ndarray) -> tuple[float, int, float]:
         cand = np.flatnonzero(alive) if self.candidates is None else self.candidates[j]
         cand = cand[(cand != j) & alive[cand]]
@@ -123,12 +132,36 @@ class MergeScorer(Scorer):
         if not np.isfinite(score[k]) or score[k] <= 0:
             return removal, -1, 0.0
         i = int(cand[k])
-        exact = float(self.exact_cosine(j, np.array([i]))[0])
+        exact = self._exact(j, i)
         score_i = exact if self.signed else abs(exact)
         if score_i <= 0:
             return removal, -1, 0.0
         sin = float(np.sqrt(max(0.0, 1.0 - min(1.0, score_i) ** 2)))
         return removal * sin, i, exact * self.norms[j] / self.norms[i]
+
+    def best_all(self, alive: np.ndarray) -> list[tuple[float, int, float]]:
+        """:meth:`best` of every unit at once (the dense candidate matrix: one argmax per
+        row instead of one call per unit; the same partners and costs)."""
+        if self.candidates is not None:
+            return super().best_all(alive)
+        score = self.cos if self.signed else np.abs(self.cos)
+        score = np.where(alive[None, :], score, -np.inf)
+        np.fill_diagonal(score, -np.inf)
+        partner = np.argmax(score, axis=1)
+        top = score[np.arange(partner.size), partner]
+        removal = self.costs / self.scale
+        exact = np.array([self._exact(j, int(i)) for j, i in enumerate(partner)])
+        exact_score = exact if self.signed else np.abs(exact)
+        others = int(alive.sum()) - alive.astype(int)  # alive candidates besides the unit
+        merge = (others > 0) & (self.costs != 0) & np.isfinite(top) & (top > 0) & (exact_score > 0)
+        sin = np.sqrt(np.maximum(0.0, 1.0 - np.minimum(1.0, exact_score) ** 2))
+        scale = exact * self.norms / self.norms[partner]
+        return [
+            (float(removal[j] * sin[j]), int(partner[j]), float(scale[j]))
+            if merge[j]
+            else (float(removal[j]), -1, 0.0)
+            for j in range(partner.size)
+        ]
 
 
 Factory = Callable[[ChannelGroup, np.random.Generator], Scorer]

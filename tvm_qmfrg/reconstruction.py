@@ -27,7 +27,7 @@ residual stream count alike.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -293,6 +293,7 @@ def allocate(
     mins: Sequence[int],
     steps: Sequence[int],
     chunk: float = 0.02,
+    fixed: Mapping[int, int] | None = None,
 ) -> list[int]:
     """Kept units per group that reach ``target`` FLOPs reduction at the least summed loss.
 
@@ -301,9 +302,11 @@ def allocate(
     ``flops`` is a :class:`~tvm_qmfrg.selection.FlopsModel`. Greedy on the marginal loss per
     FLOP removed, in chunks of ``chunk`` of a group's units (at least its ``steps``); no
     group goes past its last measured fraction unless the target cannot be reached otherwise.
+    ``fixed[g]``: group ``g`` keeps that many units whatever its curve (one without a curve).
     """
     n = len(units)
-    keep = list(units)
+    fixed = dict(fixed or {})
+    keep = [fixed.get(g, u) for g, u in enumerate(units)]
     total = flops.total
     if total <= 0:
         return keep
@@ -333,6 +336,8 @@ def allocate(
         fine = target - (1.0 - current / total) < chunk  # close to the target: one step
         best = None
         for g in range(n):
+            if g in fixed:
+                continue
             step = steps[g] if fine else max(steps[g], int(chunk * units[g]) // steps[g] * steps[g])
             new = keep[g] - step
             new -= new % steps[g]

@@ -176,8 +176,8 @@ def check_options(sparsity, flops_reduction, epsilon, min_channels: int, round_t
 def _per_group(group: ChannelGroup, scorer: Scorer, keep: int, step: int) -> Selection:
     sel = Selection(np.ones(group.units, dtype=bool))
     heap = _Heap()
-    for j in range(group.units):
-        heap.push(0, j, scorer.best(j, sel.alive))
+    for j, best in enumerate(scorer.best_all(sel.alive)):
+        heap.push(0, j, best)
     while sel.kept > keep and (item := heap.pop()) is not None:
         _, _, j, partner, scale = item
         if not sel.alive[j]:
@@ -358,9 +358,9 @@ def _greedy_flops(groups, scorers, target, model: FlopsModel, mins) -> list[Sele
     flops = sum(op_now.values())
     goal = (1.0 - target) * model.total
     heap = _Heap()
-    for g, (group, scorer) in enumerate(zip(groups, scorers)):
-        for j in range(group.units):
-            heap.push(g, j, scorer.best(j, sels[g].alive))
+    for g, scorer in enumerate(scorers):
+        for j, best in enumerate(scorer.best_all(sels[g].alive)):
+            heap.push(g, j, best)
     slack = 0.01 * model.total  # a coarse unit (a whole head) may not overshoot by more
     aside = []
     while flops > goal and (item := heap.pop()) is not None:
