@@ -935,7 +935,8 @@ def _measure_curves(engine, stages, data, rows, model, settings) -> None:
     The error of the network's output is measured at :data:`SENSITIVITY_TRIALS`; between
     and around them it follows the group's own loss (the consumers' relative output loss
     of :func:`~tvm_qmfrg.reconstruction.select_path`, free along the elimination path),
-    scaled by the measured ratio of network to own loss (interpolated in log space).
+    scaled by the measured ratio of network to own loss (interpolated in log space), and
+    made non-decreasing.
     """
     subset = []
     for b in data:
@@ -996,11 +997,13 @@ def _curve(engine, st: Stage, mine, subset, dense_out, model, settings):
             (1 - keep / units, np.log((errors[keep] + 1e-12) / (own[units - keep] + 1e-12)))
         )
     xs, ys = np.array([r[0] for r in ratios]), np.array([r[1] for r in ratios])
-    curve = []
+    fractions, errs = [], []
     for keep in keeps:
         f = 1 - keep / units
         err = errors.get(keep)
         if err is None:
             err = (own[units - keep] + 1e-12) * float(np.exp(np.interp(f, xs, ys))) - 1e-12
-        curve.append((f, max(err, 0.0)))
-    return curve
+        fractions.append(f)
+        errs.append(max(err, 0.0))
+    # nested kept sets: removing more never costs less (the interpolated ratio can dip)
+    return list(zip(fractions, np.maximum.accumulate(errs).tolist()))

@@ -417,3 +417,5 @@ def test_a_sensitivity_curve_holds_the_measured_network_error_at_its_trial_fract
     half = dict(curve)[1 - keep / units]
     assert half == pytest.approx(calibrated._output_error(got, dense), rel=1e-6)
     assert all(np.isfinite(e) and e >= 0 for _, e in curve)
+    errs = [e for _, e in curve]
+    assert errs == sorted(errs)  # nested kept sets: removing more never costs less

@@ -133,13 +133,13 @@ class ChannelAnalysis:
     sites: dict[relax.Var, list[Site]]
     ops: list[OpCost]
     root: dict[int, int]
+    spaces_by_id: dict[int, Space] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.spaces_by_id = {s.id: s for s in self.spaces}
 
     def space_of(self, segment: Segment) -> Space:
         return self.spaces_by_id[self.root[segment.space]]
-
-    @property
-    def spaces_by_id(self) -> dict[int, Space]:
-        return {s.id: s for s in self.spaces}
 
     def prunable(self) -> list[Space]:
         return [s for s in self.spaces if not s.frozen and s.producers]
