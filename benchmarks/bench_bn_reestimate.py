@@ -25,9 +25,9 @@ from onnx import numpy_helper
 from tvm_qmfrg.passes.onnx_io import export_model, import_model
 from tvm_qmfrg.passes.prune import prune_module
 
-from tvm_qmfrg.datasets import load_digits_splits
-from tvm_qmfrg.evaluation import CALIBRATION_IMAGES
-from tvm_qmfrg.onnx_model import load_onnx
+from tvm_qmfrg.apps.datasets import load_digits_splits
+from tvm_qmfrg.apps.evaluation import CALIBRATION_IMAGES
+from tvm_qmfrg.onnxio.reader import load_onnx
 from tvm_qmfrg.report import write_json
 
 MODEL = "tvm_qmfrg/data/digits_resnet.onnx"

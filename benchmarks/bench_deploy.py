@@ -26,7 +26,8 @@ from tvm_qmfrg.passes.importer import import_onnx
 from tvm_qmfrg.passes.onnx_export import export_onnx
 from tvm_qmfrg.passes.prune import prune_module
 
-from tvm_qmfrg import synthetic, targets
+from tvm_qmfrg import targets
+from tvm_qmfrg.onnxio import synthetic
 from tvm_qmfrg.report import write_json
 
 

@@ -30,7 +30,7 @@ from tvm_qmfrg.passes.importer import import_onnx
 from tvm_qmfrg.passes.onnx_io import import_model
 from tvm_qmfrg.passes.prune import QMFRGPrune, prune_module
 
-from tvm_qmfrg import synthetic
+from tvm_qmfrg.onnxio import synthetic
 from tvm_qmfrg.report import write_json
 
 REDUCTION = 0.5

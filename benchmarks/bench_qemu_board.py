@@ -48,8 +48,8 @@ from tvm_qmfrg.targets import load as load_target
 from tvm_qmfrg.targets.build import compile_tuned
 from tvm_qmfrg.targets.tune import tune
 
-from tvm_qmfrg.datasets import load_digits_splits
-from tvm_qmfrg.onnx_model import default_model_path
+from tvm_qmfrg.apps.datasets import load_digits_splits
+from tvm_qmfrg.onnxio.reader import default_model_path
 from tvm_qmfrg.report import write_json
 
 logger = logging.getLogger("bench_qemu_board")

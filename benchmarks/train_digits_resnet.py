@@ -48,7 +48,7 @@ from torch.nn import functional as F
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from tvm_qmfrg.datasets import DigitsSplits, augmented_copy, load_digits_splits  # noqa: E402
+from tvm_qmfrg.apps.datasets import DigitsSplits, augmented_copy, load_digits_splits  # noqa: E402
 
 DATA_DIR = REPO_ROOT / "tvm_qmfrg" / "data"
 ONNX_PATH = DATA_DIR / "digits_resnet.onnx"

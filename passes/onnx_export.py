@@ -12,10 +12,11 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import tvm
-from onnx import helper, numpy_helper
+from onnx import helper
 from tvm import relax
 
 from tvm_qmfrg.errors import GraphError
+from tvm_qmfrg.onnxio.builder import GraphBuilder
 
 OPSET = 17
 
@@ -52,34 +53,20 @@ def _value_info(name: str, expr) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(name, dtype, _dims(expr))
 
 
-class _Emitter:
+class _Emitter(GraphBuilder):
+    """Emits the ONNX nodes of one Relax function, binding by binding."""
+
     def __init__(self, model_name: str):
+        super().__init__(model_name)
         self.model_name = model_name
-        self.nodes: list[onnx.NodeProto] = []
-        self.inits: list[onnx.TensorProto] = []
         self.names: dict = {}
-        self.count = 0
-
-    def fresh(self, prefix: str) -> str:
-        self.count += 1
-        return f"{prefix}_{self.count}"
-
-    def const(self, array: np.ndarray, prefix: str = "const") -> str:
-        name = self.fresh(prefix)
-        self.inits.append(numpy_helper.from_array(np.asarray(array), name))
-        return name
 
     def ref(self, expr) -> str:
         if isinstance(expr, tvm.ir.GenericConst):
-            return self.const(expr.value.numpy())
+            return self.const(expr.value.numpy(), "const")
         if expr in self.names:
             return self.names[expr]
         raise GraphError(f"{self.model_name}: cannot export a {type(expr).__name__} operand")
-
-    def node(self, op: str, inputs: list[str], out: str | None = None, **attrs) -> str:
-        out = out or self.fresh(op.lower())
-        self.nodes.append(helper.make_node(op, inputs, [out], name=out, **attrs))
-        return out
 
     def binding(self, var, value) -> None:
         if isinstance(value, relax.Var):
@@ -153,7 +140,7 @@ class _Emitter:
             if onnx_op == "ReduceSum":
                 return self.node(
                     onnx_op,
-                    [self.ref(args[0]), self.const(np.array(axes, np.int64))],
+                    [self.ref(args[0]), self.const(np.array(axes, np.int64), "const")],
                     keepdims=int(a.keepdims),
                 )
             return self.node(onnx_op, [self.ref(args[0])], axes=axes, keepdims=int(a.keepdims))
@@ -188,9 +175,13 @@ class _Emitter:
             )
         if op == "relax.nn.gelu":
             x = self.ref(args[0])
-            erf = self.node("Erf", [self.node("Div", [x, self.const(np.float32(np.sqrt(2.0)))])])
-            half = self.node("Mul", [x, self.const(np.float32(0.5))])
-            return self.node("Mul", [half, self.node("Add", [erf, self.const(np.float32(1.0))])])
+            erf = self.node(
+                "Erf", [self.node("Div", [x, self.const(np.float32(np.sqrt(2.0)), "const")])]
+            )
+            half = self.node("Mul", [x, self.const(np.float32(0.5), "const")])
+            return self.node(
+                "Mul", [half, self.node("Add", [erf, self.const(np.float32(1.0), "const")])]
+            )
         if op == "relax.nn.silu":
             x = self.ref(args[0])
             return self.node("Mul", [x, self.node("Sigmoid", [x])])
@@ -238,15 +229,9 @@ def export_onnx(
         )
     outputs = []
     for name, expr in zip(output_names, results):
-        em.node("Identity", [em.ref(expr)], out=name)
+        em.named("Identity", [em.ref(expr)], name)
         outputs.append(_value_info(name, expr))
-    graph = helper.make_graph(em.nodes, model_name, inputs, outputs, initializer=em.inits)
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="tvm-qmfrg"
-    )
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model
+    return em.model(inputs, outputs, opset=OPSET, producer_name="tvm-qmfrg")
 
 
 __all__ = ["export_onnx"]

@@ -181,13 +181,25 @@ def _flops_model(analysis: ChannelAnalysis, groups: list[_Group]) -> FlopsModel:
     return FlopsModel(tuple(ops))
 
 
+@dataclass
+class _Prepared:
+    """A module made ready to decide on: normalized, its channels analyzed, its prunable
+    groups in numpy, producer names by binding."""
+
+    mod: tvm.IRModule  # normalized
+    analysis: ChannelAnalysis
+    values: dict  # binding var -> value
+    groups: list[_Group]
+    names: dict
+
+
 def _binding_values(func: relax.Function) -> dict:
     return {b.var: b.value for block in func.body.blocks for b in block.bindings}
 
 
 def _prepare(
     mod: tvm.IRModule, model: str, names: Sequence[str] | None, params=None, spectra=False
-):
+) -> _Prepared:
     if not isinstance(mod, tvm.IRModule):
         raise OptionError(f"expected a tvm.IRModule, got {type(mod).__name__}")
     norm_mod = normalize(mod, params, model=model)
@@ -204,7 +216,7 @@ def _prepare(
     values = _binding_values(func)
     names_by_var = producer_names(func, names)
     groups = _build_groups(analysis, values, names_by_var, spectra)
-    return norm_mod, analysis, values, groups, names_by_var
+    return _Prepared(norm_mod, analysis, values, groups, names_by_var)
 
 
 def prune_module(
@@ -268,15 +280,16 @@ def prune_module(
         raise OptionError("epsilon (lossless merging) is data-free: drop the calibration data")
     protect, seed, compensate = opts.protect, opts.seed, opts.compensates
     spectra = criteria_registry.traits(criterion).filter_spectra
-    norm_mod, analysis, values, groups, names_by_var = _prepare(mod, model, names, params, spectra)
+    prep = _prepare(mod, model, names, params, spectra)
+    analysis = prep.analysis
     frozen = [
-        FrozenGroup(producer_name(sp.producers[0], names_by_var), sp.size, sp.frozen[0])
+        FrozenGroup(producer_name(sp.producers[0], prep.names), sp.size, sp.frozen[0])
         for sp in analysis.spaces
         if sp.frozen and sp.producers
     ]
     matched = {p: False for p in protect}
     active = []
-    for g in groups:
+    for g in prep.groups:
         hits = [p for p in protect if any(n == p or fnmatch.fnmatchcase(n, p) for n in g.producers)]
         for p in hits:
             matched[p] = True
@@ -326,9 +339,7 @@ def prune_module(
         )
     if calibrated and active:
         plans = _calibrate(
-            norm_mod,
-            analysis,
-            values,
+            prep,
             active,
             plans,
             opts,
@@ -337,7 +348,7 @@ def prune_module(
             onnx_model,
             model,
         )
-    before = module_cost(norm_mod)
+    before = module_cost(prep.mod)
     plan = PruningPlan(
         model=model,
         criterion=criterion,
@@ -349,7 +360,7 @@ def prune_module(
         op_flops=float(sum(op.flops for op in analysis.ops)),
         prunable_flops=_coverage(analysis, active),
     )
-    pruned = _rewrite(norm_mod, analysis, values, groups, plan, model)
+    pruned = _rewrite(prep, plan, model)
     after = module_cost(pruned)
     plan.flops_after, plan.params_after = after.flops, after.params
     if flops_reduction is not None and abs(plan.flops_reduction - flops_reduction) > 0.02:
@@ -391,9 +402,7 @@ def _options(options: PruneOptions | None, values: dict) -> PruneOptions:
 
 
 def _calibrate(
-    norm_mod,
-    analysis,
-    values,
+    prep: _Prepared,
     active,
     plans,
     opts,
@@ -406,7 +415,7 @@ def _calibrate(
     (or ``sensitivity`` measures it); units are chosen and refit on activations."""
     allocate = None
     if allocation == "sensitivity":
-        flops = _flops_model(analysis, active)
+        flops = _flops_model(prep.analysis, active)
         units = [g.space.units for g in active]
         widths = [g.space.unit for g in active]
         mins = [max(1, math.ceil(opts.min_channels / w)) for w in widths]
@@ -427,9 +436,9 @@ def _calibrate(
         opts.correction,
     )
     return calibrated.calibrate_plans(
-        norm_mod,
-        analysis,
-        values,
+        prep.mod,
+        prep.analysis,
+        prep.values,
         [(g.space.id, gp) for g, gp in zip(active, plans)],
         calibration,
         onnx_model,
@@ -440,7 +449,9 @@ def _calibrate(
 
 
 def plan_pruning(mod: tvm.IRModule, **options) -> PruningPlan:
-    """Only the plan of :func:`prune_module` (same keyword arguments)."""
+    """Only the plan of :func:`prune_module` (same keyword arguments). Its FLOPs and
+    parameters after pruning are counted on the rewritten module (facts about the graph, not
+    a model's estimate), so the rewrite runs here too."""
     return prune_module(mod, **options)[0]
 
 
@@ -465,10 +476,10 @@ def _match_plan(groups: list[_Group], plan: PruningPlan, model: str) -> dict:
     return decided
 
 
-def _rewrite(norm_mod, analysis, values, groups, plan: PruningPlan, model: str) -> tvm.IRModule:
-    decided = _match_plan(groups, plan, model)
-    edits = plan_edits(analysis, decided)
-    new_mod = Rewriter(norm_mod, edits, analysis, decided).transform()
+def _rewrite(prep: _Prepared, plan: PruningPlan, model: str) -> tvm.IRModule:
+    decided = _match_plan(prep.groups, plan, model)
+    edits = plan_edits(prep.analysis, decided)
+    new_mod = Rewriter(prep.mod, edits, prep.analysis, decided).transform()
     new_mod = relax.transform.DeadCodeElimination()(new_mod)
     try:
         relax.analysis.well_formed(new_mod)
@@ -487,8 +498,7 @@ def apply_plan(
 ) -> tvm.IRModule:
     """Rewrite ``mod`` by ``plan`` (from :func:`plan_pruning` or a saved JSON)."""
     model = model or plan.model
-    norm_mod, analysis, values, groups, _ = _prepare(mod, model, names, params)
-    return _rewrite(norm_mod, analysis, values, groups, plan, model)
+    return _rewrite(_prepare(mod, model, names, params), plan, model)
 
 
 @checks_its_input

@@ -17,10 +17,11 @@ from tvm_qmfrg.passes.prune import (
 )
 from tvm_qmfrg.passes.rewrite import Rewriter, plan_edits
 
-from tvm_qmfrg import OptionError, reconstruction, synthetic
+from tvm_qmfrg import OptionError, reconstruction
+from tvm_qmfrg.onnxio import synthetic
+from tvm_qmfrg.onnxio.synthetic import GraphBuilder
 from tvm_qmfrg.options import PruneOptions
 from tvm_qmfrg.plan import PruningPlan
-from tvm_qmfrg.synthetic import GraphBuilder
 
 
 def low_rank_linear_net(rank: int = 5, width: int = 16, seed: int = 0):

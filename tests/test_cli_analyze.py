@@ -12,8 +12,8 @@ from onnx import numpy_helper
 from tvm_qmfrg import ModelError, WeightError
 from tvm_qmfrg.analysis import analyze_operators
 from tvm_qmfrg.cli import main
-from tvm_qmfrg.onnx_model import linear_operators, load_onnx
-from tvm_qmfrg.synthetic import mlp, small_cnn
+from tvm_qmfrg.onnxio.reader import linear_operators, load_onnx
+from tvm_qmfrg.onnxio.synthetic import mlp, small_cnn
 
 
 @pytest.fixture

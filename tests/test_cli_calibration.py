@@ -10,9 +10,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
+from tvm_qmfrg.apps.datasets import load_digits_splits
 from tvm_qmfrg.cli import main
-from tvm_qmfrg.datasets import load_digits_splits
-from tvm_qmfrg.onnx_model import default_model_path
+from tvm_qmfrg.onnxio.reader import default_model_path
 from tvm_qmfrg.onnxio.validate import COSINE, TOP1, Fidelity, fidelity
 
 MODEL = default_model_path()

@@ -12,7 +12,7 @@ from helpers import load, random_input, run
 from tvm_qmfrg.passes.onnx_export import export_onnx
 from tvm_qmfrg.passes.prune import QMFRGPrune
 
-from tvm_qmfrg import synthetic
+from tvm_qmfrg.onnxio import synthetic
 from tvm_qmfrg.plan import PruningPlan
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 CORE = [
     "analysis",
+    "calibration_data",
     "compare",
     "compensation",
     "criteria",
@@ -20,6 +21,7 @@ CORE = [
     "operators",
     "options",
     "plan",
+    "reconstruction",
     "report",
     "selection",
     "spectral",

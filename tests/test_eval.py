@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from tvm_qmfrg.passes.importer import import_onnx
 
-from tvm_qmfrg.datasets import load_digits_splits
-from tvm_qmfrg.fidelity import fidelity
-from tvm_qmfrg.onnx_model import default_model_path
+from tvm_qmfrg.apps.datasets import load_digits_splits
+from tvm_qmfrg.apps.fidelity import fidelity
+from tvm_qmfrg.onnxio.reader import default_model_path
 
 
 def test_shipped_model_reaches_its_recorded_accuracy_through_tvm():
@@ -28,31 +28,18 @@ def test_shipped_model_reaches_its_recorded_accuracy_through_tvm():
     assert abs(accuracy - record["test_accuracy"]) < 1e-9
 
 
+def _eval(out, *args: str) -> subprocess.CompletedProcess:
+    """``tvm-qmfrg eval ARGS --out OUT`` in a fresh interpreter."""
+    cmd = [sys.executable, "-m", "tvm_qmfrg.cli", "eval", *args, "--out", str(out)]
+    return subprocess.run(cmd, capture_output=True, text=True)
+
+
 def test_eval_on_a_tiny_grid_writes_its_report(tmp_path):
     out = tmp_path / "eval"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tvm_qmfrg.cli",
-            "eval",
-            "--reductions",
-            "0.3",
-            "--criteria",
-            "magnitude,qmfrg",
-            "--seeds",
-            "1",
-            "--models",
-            "digits,minilm",
-            "--ffn-sparsity",
-            "",
-            "--ablations",
-            "",
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
+    proc = _eval(
+        out,
+        *("--reductions", "0.3", "--criteria", "magnitude,qmfrg", "--seeds", "1"),
+        *("--models", "digits,minilm", "--ffn-sparsity", "", "--ablations", ""),
     )
     assert proc.returncode == 0, proc.stderr
     results = json.loads((out / "results.json").read_text())
@@ -73,27 +60,10 @@ def test_eval_on_a_tiny_grid_writes_its_report(tmp_path):
 
 def test_eval_runs_calibrated_pruning_and_its_ablation_rows_on_digits(tmp_path):
     out = tmp_path / "eval"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tvm_qmfrg.cli",
-            "eval",
-            "--reductions",
-            "0.5",
-            "--criteria",
-            "qmfrg,qmfrg+cal",
-            "--models",
-            "digits",
-            "--ablations",
-            "sens",
-            "--ablation-reductions",
-            "0.5",
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
+    proc = _eval(
+        out,
+        *("--reductions", "0.5", "--criteria", "qmfrg,qmfrg+cal", "--models", "digits"),
+        *("--ablations", "sens", "--ablation-reductions", "0.5"),
     )
     assert proc.returncode == 0, proc.stderr
     cells = {c["criterion"]: c for c in json.loads((out / "results.json").read_text())["digits"]}

@@ -17,8 +17,8 @@ from tvm_qmfrg.passes.onnx_io import import_model
 from tvm_qmfrg.passes.prune import QMFRGPrune, apply_plan, prune_module
 from tvm_qmfrg.passes.substitute import SpectralSubstitution
 
-from tvm_qmfrg import synthetic
 from tvm_qmfrg.errors import ModelError, OptionError, WeightError
+from tvm_qmfrg.onnxio import synthetic
 from tvm_qmfrg.options import PruneOptions
 from tvm_qmfrg.plan import PruningPlan
 from tvm_qmfrg.report import write_atomic

@@ -7,7 +7,7 @@ from onnx import numpy_helper
 from tvm_qmfrg.passes.calibrated import _session
 from tvm_qmfrg.passes.frontier import Frontier, can_cut
 
-from tvm_qmfrg import synthetic
+from tvm_qmfrg.onnxio import synthetic
 from tvm_qmfrg.onnxio.runtime import run_onnx
 
 

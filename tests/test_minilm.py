@@ -10,8 +10,8 @@ from tvm import relax
 from tvm_qmfrg.passes import export_onnx, prune_module
 from tvm_qmfrg.passes.importer import import_onnx
 
-from tvm_qmfrg import minilm
 from tvm_qmfrg.errors import OptionError
+from tvm_qmfrg.onnxio import minilm
 
 SEQ = 64
 TOL = 1e-4

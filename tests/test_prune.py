@@ -13,7 +13,8 @@ from tvm_qmfrg.passes.flops import module_cost
 from tvm_qmfrg.passes.normalize import normalize
 from tvm_qmfrg.passes.prune import QMFRGPrune, apply_plan, plan_pruning
 
-from tvm_qmfrg import GraphError, OptionError, synthetic
+from tvm_qmfrg import GraphError, OptionError
+from tvm_qmfrg.onnxio import synthetic
 from tvm_qmfrg.plan import PruningPlan
 
 FAMILIES = ["resnet_cifar", "mobilenet_v2", "vgg", "mlp", "bert_encoder"]

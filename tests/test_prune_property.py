@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from tvm import relax
 from tvm_qmfrg.passes.prune import QMFRGPrune
 
-from tvm_qmfrg.synthetic import GraphBuilder
+from tvm_qmfrg.onnxio.synthetic import GraphBuilder
 
 
 @st.composite

@@ -180,3 +180,22 @@ def test_sensitivity_allocation_leaves_a_fixed_group_at_its_count():
     )
     assert keep[0] == 9  # the cheap group would go first, but it is held
     assert 1 - (keep[0] + keep[1]) * 10 / 200 >= 0.3
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10_000), features=st.integers(4, 9), readers=st.integers(2, 4))
+def test_consumers_sharing_their_moments_select_as_if_each_held_its_own(seed, features, readers):
+    rng = np.random.default_rng(seed)
+    x = correlated(rng, 300, features)
+    weights = [rng.standard_normal((int(rng.integers(2, 6)), features)) for _ in range(readers)]
+    apart = [consumer(x, x, w, f"c{i}") for i, w in enumerate(weights)]
+    shared = [
+        rec.ConsumerData(c.name, c.gram, apart[0].fit, apart[0].held) for c in apart
+    ]  # one Moments object read by every consumer, as collect() makes them
+    keeps = [features - 1, features // 2, 1]
+    kept_apart, curve_apart = rec.select_path(apart, 1, keeps, batch_fraction=0.0)
+    kept_shared, curve_shared = rec.select_path(shared, 1, keeps, batch_fraction=0.0)
+    assert kept_shared == kept_apart
+    np.testing.assert_allclose(
+        [v for _, v in curve_shared], [v for _, v in curve_apart], rtol=1e-7, atol=1e-9
+    )

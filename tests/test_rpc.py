@@ -15,7 +15,8 @@ import onnx
 import pytest
 from tvm_qmfrg.targets import rpc
 
-from tvm_qmfrg import OptionError, synthetic
+from tvm_qmfrg import OptionError
+from tvm_qmfrg.onnxio import synthetic
 
 CLI = [sys.executable, "-m", "tvm_qmfrg.cli"]
 

@@ -11,8 +11,9 @@ from tvm_qmfrg.passes.flops import module_cost
 from tvm_qmfrg.passes.prune import QMFRGPrune
 from tvm_qmfrg.passes.substitute import SpectralSubstitution, substitute_module
 
-from tvm_qmfrg import OptionError, synthetic
-from tvm_qmfrg.synthetic import GraphBuilder
+from tvm_qmfrg import OptionError
+from tvm_qmfrg.onnxio import synthetic
+from tvm_qmfrg.onnxio.synthetic import GraphBuilder
 
 
 def single_dense(weight: np.ndarray, bias: bool = True):

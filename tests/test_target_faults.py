@@ -38,8 +38,8 @@ from tvm_qmfrg.targets.tune import (
     work_dir_lock,
 )
 
-from tvm_qmfrg import synthetic
 from tvm_qmfrg.errors import BuildError, DeviceError, OptionError, QMFRGError
+from tvm_qmfrg.onnxio import synthetic
 
 CLI = [sys.executable, "-m", "tvm_qmfrg.cli"]
 TESTS = Path(__file__).parent

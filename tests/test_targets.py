@@ -36,7 +36,8 @@ from tvm_qmfrg.targets import load as load_target
 from tvm_qmfrg.targets.tune import build_candidate, export_candidate
 from tvm_qmfrg.targets.tune import prepare as prepare_for_tuning
 
-from tvm_qmfrg import OptionError, synthetic
+from tvm_qmfrg import OptionError
+from tvm_qmfrg.onnxio import synthetic
 
 SHIPPED = [
     "arm-cortex-a76",

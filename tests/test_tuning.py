@@ -21,7 +21,8 @@ from tvm_qmfrg.targets import load as load_target
 from tvm_qmfrg.targets.tune import count_records
 from tvm_qmfrg.targets.tune import prepare as prepare_for_tuning
 
-from tvm_qmfrg import OptionError, synthetic
+from tvm_qmfrg import OptionError
+from tvm_qmfrg.onnxio import synthetic
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +98,7 @@ def test_rpc_runner_through_a_tracker_with_two_servers(tiny, tmp_path):
         # a fresh process: MetaSchedule 0.27's create_loggers fails on the second tuning run
         # in one process when an unnamed handler (pytest's) sits on its logger
         code = (
-            "import sys; from tvm_qmfrg import synthetic; from helpers import load; "
+            "import sys; from tvm_qmfrg.onnxio import synthetic; from helpers import load; "
             "from tvm_qmfrg.targets import tune; "
             "s = tune(load(synthetic.mlp(sizes=(16, 8))), sys.argv[1], work_dir=sys.argv[2], "
             "tracker=sys.argv[3]); (t,) = s.tasks; "
@@ -115,7 +116,7 @@ def test_rpc_runner_through_a_tracker_with_two_servers(tiny, tmp_path):
 
 
 SPLIT_RUN = (
-    "import sys, json; from tvm_qmfrg import synthetic; from helpers import load; "
+    "import sys, json; from tvm_qmfrg.onnxio import synthetic; from helpers import load; "
     "from tvm_qmfrg.targets import tune; mod = load(synthetic.mlp(sizes=(16, 8, 4))); "
     "runs = [tune(mod, 'x86-host', work_dir=sys.argv[1], trials=n, trials_per_task=k) "
     "for n, k in ((2, 2), (4, 2), (4, 2), (6, 3))]; "

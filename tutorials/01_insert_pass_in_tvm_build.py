@@ -39,8 +39,8 @@ from tvm import relax
 from tvm.relax.frontend.onnx import from_onnx
 from tvm_qmfrg.passes import QMFRGPrune, SpectralSubstitution
 
-from tvm_qmfrg.datasets import load_digits_splits
-from tvm_qmfrg.onnx_model import default_model_path, operator_names
+from tvm_qmfrg.apps.datasets import load_digits_splits
+from tvm_qmfrg.onnxio.reader import default_model_path, operator_names
 from tvm_qmfrg.plan import PruningPlan
 from tvm_qmfrg.report import format_table
 

@@ -35,8 +35,8 @@ from tvm.relax.frontend.onnx import from_onnx
 from tvm_qmfrg.passes import QMFRGPrune
 from tvm_qmfrg.targets import rpc
 
-from tvm_qmfrg.datasets import load_digits_splits
-from tvm_qmfrg.onnx_model import default_model_path, operator_names
+from tvm_qmfrg.apps.datasets import load_digits_splits
+from tvm_qmfrg.onnxio.reader import default_model_path, operator_names
 
 QUICK = os.environ.get("TVM_QMFRG_TUTORIAL_QUICK") == "1"
 OUT = (

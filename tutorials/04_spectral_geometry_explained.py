@@ -38,7 +38,7 @@ import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 from onnx import numpy_helper  # noqa: E402
 
-from tvm_qmfrg.datasets import load_digits_splits  # noqa: E402
+from tvm_qmfrg.apps.datasets import load_digits_splits  # noqa: E402
 from tvm_qmfrg.graph import build_graph  # noqa: E402
 from tvm_qmfrg.metrics import (  # noqa: E402
     best_scale,
@@ -48,7 +48,7 @@ from tvm_qmfrg.metrics import (  # noqa: E402
     spectral_gap,
     wasserstein2,
 )
-from tvm_qmfrg.onnx_model import default_model_path, linear_operators  # noqa: E402
+from tvm_qmfrg.onnxio.reader import default_model_path, linear_operators  # noqa: E402
 from tvm_qmfrg.report import format_table  # noqa: E402
 from tvm_qmfrg.spectral import pad_spectra  # noqa: E402
 

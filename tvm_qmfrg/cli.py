@@ -1,4 +1,9 @@
-"""The ``tvm-qmfrg`` command line. The only module that prints."""
+"""The ``tvm-qmfrg`` command line. The only module that prints.
+
+Each command parses its arguments, calls the library (the passes, the targets, the apps)
+and prints the result. A command imports what it runs inside its own function, so that
+``--help``, a bad flag or an unreadable file is answered without loading TVM.
+"""
 
 from __future__ import annotations
 
@@ -40,7 +45,7 @@ def _add_analyze(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
     from .analysis import analyze_operators
-    from .onnx_model import default_model_path, linear_operators, load_onnx, model_name
+    from .onnxio.reader import default_model_path, linear_operators, load_onnx, model_name
     from .report import analysis_table, write_json
 
     path = args.model or default_model_path()
@@ -325,7 +330,7 @@ def _add_input_shape(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_prune(args: argparse.Namespace) -> int:
-    from .onnx_model import load_onnx
+    from .onnxio.reader import load_onnx
     from .passes.onnx_export import export_onnx
     from .passes.onnx_io import export_model, import_model
     from .passes.prune import prune_module
@@ -402,7 +407,7 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_compare(args: argparse.Namespace) -> int:
     from .compare import compare_operators, pairs_json, pairs_table
-    from .onnx_model import linear_operators, load_onnx
+    from .onnxio.reader import linear_operators, load_onnx
     from .report import write_json
 
     if args.top < 1 or not 0 <= args.delta < 1:
@@ -488,13 +493,13 @@ def _floats(text: str, flag: str) -> list[float]:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    from .apps.eval_report import write_eval_report
+    from .apps.evaluation import evaluate_digits
+    from .apps.evaluation import summary_table as digits_table
+    from .apps.fidelity import evaluate_minilm
+    from .apps.fidelity import summary_table as minilm_table
     from .criteria import variant as criteria_variant
-    from .eval_report import write_eval_report
-    from .evaluation import evaluate_digits
-    from .evaluation import summary_table as digits_table
-    from .fidelity import evaluate_minilm
-    from .fidelity import summary_table as minilm_table
-    from .onnx_model import default_model_path
+    from .onnxio.reader import default_model_path
 
     reductions = _floats(args.reductions, "--reductions")
     ffn = _floats(args.ffn_sparsity, "--ffn-sparsity")
@@ -571,7 +576,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 def _cmd_demo(args: argparse.Namespace) -> int:
     import os
 
-    from .demo import demo_table, run_demo
+    from .apps.demo import demo_table, run_demo
     from .selection import check_options
 
     check_options(None, args.flops_reduction, None, 1, 1)
@@ -642,7 +647,7 @@ class _ProgressBar:
 
 
 def _cmd_compile(args: argparse.Namespace) -> int:
-    from .onnx_model import load_onnx
+    from .onnxio.reader import load_onnx
     from .passes.onnx_io import export_model, import_model
     from .passes.prune import prune_module
     from .report import check_writable

@@ -1,6 +1,6 @@
 """LinearOperator: one constant-weight linear operator of a model, as numpy data.
 
-Read from ONNX by :func:`tvm_qmfrg.onnx_model.linear_operators`; what ``analyze`` and
+Read from ONNX by :func:`tvm_qmfrg.onnxio.reader.linear_operators`; what ``analyze`` and
 ``compare`` place on the hypersphere. No ONNX or TVM here.
 """
 

@@ -151,16 +151,23 @@ def _unit_costs(h: np.ndarray, q: np.ndarray, unit: int) -> np.ndarray:
 
 
 class _State:
-    """``H`` and ``Q`` of one consumer over the alive features (see module docstring)."""
+    """``H`` and ``Q`` over the alive features of the consumers that read one set of
+    moments (see module docstring).
 
-    def __init__(self, data: ConsumerData, ridge: float):
-        _, _, g, c, d = data.all.stats()
-        self.weight = 1.0 / _energy(data.gram, d)
+    Consumers of the same features (the Q, K and V projections of one input) share ``H``;
+    the removal cost ``tr(H_UU^-1 Q_UU)`` and the downdate of ``Q`` are linear in ``Q``, so
+    one state with ``Q = H C (sum_c M_c / tr(M_c D)) C^T H`` holds all of them.
+    """
+
+    def __init__(self, datas: Sequence[ConsumerData], ridge: float):
+        _, _, g, c, d = datas[0].all.stats()
+        weights = [1.0 / _energy(x.gram, d) for x in datas]
+        m = sum(w * x.gram for w, x in zip(weights, datas))
         self.h = np.linalg.inv(g + _ridge(g, ridge) * np.eye(g.shape[0]))
         hc = self.h @ c
-        self.q = hc @ data.gram @ hc.T
-        self.base = self.weight * (
-            _energy(data.gram, d) - float(np.trace(self.h @ (c @ data.gram @ c.T)))
+        self.q = hc @ m @ hc.T
+        self.base = sum(w * _energy(x.gram, d) for w, x in zip(weights, datas)) - float(
+            np.trace(self.h @ (c @ m @ c.T))
         )
 
     def remove(self, idx: np.ndarray, rest: np.ndarray) -> float:
@@ -173,7 +180,7 @@ class _State:
         q = self.q[np.ix_(rest, rest)] - a @ q_ru.T - q_ru @ a.T + a @ q_uu @ a.T
         self.h = self.h[np.ix_(rest, rest)] - a @ self.h[np.ix_(idx, rest)]
         self.q = 0.5 * (q + q.T)
-        return self.weight * max(rise, 0.0)
+        return max(rise, 0.0)
 
 
 def select_units(
@@ -210,14 +217,17 @@ def select_path(
     units = features // unit
     if any(not 0 <= k <= units for k in keeps):
         raise ValueError(f"keep counts {list(keeps)} must lie in [0, {units}]")
-    states = [_State(c, ridge) for c in consumers]
+    shared: dict[tuple[int, int], list[ConsumerData]] = {}  # consumers by their moments
+    for c in consumers:
+        shared.setdefault((id(c.fit), id(c.held)), []).append(c)
+    states = [_State(datas, ridge) for datas in shared.values()]
     alive = list(range(units))
     loss = float(sum(s.base for s in states))
     curve = [(0, loss)]
     found: dict[int, list[int]] = {}
     for keep in sorted(set(keeps), reverse=True):
         while len(alive) > keep:
-            costs = sum(s.weight * _unit_costs(s.h, s.q, unit) for s in states)
+            costs = sum(_unit_costs(s.h, s.q, unit) for s in states)
             left = len(alive) - keep
             take = max(1, min(left, int(batch_fraction * left)))
             drop = set(np.argsort(costs, kind="stable")[:take].tolist())

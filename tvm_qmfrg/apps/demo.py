@@ -22,11 +22,20 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-from . import plots
-from .datasets import augmented_copy, load_digits_splits
-from .evaluation import CALIBRATION_IMAGES, accuracy, latency_ms
-from .onnx_model import default_model_path, linear_operators, load_onnx
-from .report import format_table, write_atomic, write_json
+import onnx
+import tvm
+from tvm import relax
+
+from tvm_qmfrg.apps import plots
+from tvm_qmfrg.apps.datasets import augmented_copy, load_digits_splits
+from tvm_qmfrg.apps.evaluation import CALIBRATION_IMAGES, accuracy, latency_ms
+from tvm_qmfrg.onnxio.reader import default_model_path, linear_operators, load_onnx
+from tvm_qmfrg.passes import apply_plan, export_onnx, prune_module
+from tvm_qmfrg.passes.flops import module_cost
+from tvm_qmfrg.passes.importer import import_onnx
+from tvm_qmfrg.passes.normalize import normalize
+from tvm_qmfrg.report import format_table, write_atomic, write_json
+from tvm_qmfrg.targets import compile_module, load
 
 DEFAULT_REDUCTION = 0.3
 BATCH = 120
@@ -57,10 +66,6 @@ class DemoRow:
 
 
 def _vm(mod, config):
-    import tvm
-    from tvm import relax
-
-    from .targets import compile_module
 
     return relax.VirtualMachine(compile_module(mod, config, model="digits_resnet"), tvm.cpu())
 
@@ -71,13 +76,6 @@ def run_demo(
     progress: Callable[[str], None] = lambda _: None,
 ) -> list[DemoRow]:
     """Run the demo, write ``out``; return the rows (dense first)."""
-    import onnx
-
-    from .passes import apply_plan, export_onnx, prune_module
-    from .passes.flops import module_cost
-    from .passes.importer import import_onnx
-    from .passes.normalize import normalize
-    from .targets import load
 
     t_start = time.perf_counter()
     step = 0

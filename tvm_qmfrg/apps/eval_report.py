@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-from . import evaluation, fidelity, plots
-from .onnx_model import linear_operators, load_onnx
-from .report import write_atomic, write_json
+from tvm_qmfrg.apps import evaluation, fidelity, plots
+from tvm_qmfrg.onnxio.reader import linear_operators, load_onnx
+from tvm_qmfrg.report import write_atomic, write_json
 
 _ABLATION_TEXT = (
     "`+cal-X`: the same with one part switched off, to show what it adds: `select` (the "

@@ -16,9 +16,9 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .errors import ModelError, check_weight, one_line
-from .operators import LinearOperator
-from .spectral import batchnorm_affine
+from tvm_qmfrg.errors import ModelError, check_weight, one_line
+from tvm_qmfrg.operators import LinearOperator
+from tvm_qmfrg.spectral import batchnorm_affine
 
 
 def load_onnx(path: str | os.PathLike) -> onnx.ModelProto:

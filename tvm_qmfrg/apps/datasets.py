@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import OptionError
+from tvm_qmfrg.errors import OptionError
 
 __all__ = ["DigitsSplits", "augmented_copy", "load_digits_splits"]
 

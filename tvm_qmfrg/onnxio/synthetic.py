@@ -10,34 +10,17 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
 
-OPSET = 17
+from tvm_qmfrg.onnxio import builder
 
 
-class GraphBuilder:
-    """Small helper to emit ONNX nodes with fresh names and seeded initializers."""
+class GraphBuilder(builder.GraphBuilder):
+    """:class:`~tvm_qmfrg.onnxio.builder.GraphBuilder` with seeded weights and the layers
+    the model families here are made of (conv-BN-act, residual, dense, classifier)."""
 
     def __init__(self, name: str, seed: int = 0):
-        self.name = name
+        super().__init__(name)
         self.rng = np.random.default_rng(seed)
-        self.nodes: list[onnx.NodeProto] = []
-        self.inits: list[onnx.TensorProto] = []
-        self._count = 0
-
-    def fresh(self, prefix: str) -> str:
-        self._count += 1
-        return f"{prefix}_{self._count}"
-
-    def const(self, array: np.ndarray, prefix: str = "w") -> str:
-        name = self.fresh(prefix)
-        self.inits.append(numpy_helper.from_array(np.asarray(array), name))
-        return name
-
-    def node(self, op: str, inputs: list[str], prefix: str | None = None, **attrs) -> str:
-        out = self.fresh(prefix or op.lower())
-        self.nodes.append(helper.make_node(op, inputs, [out], name=out, **attrs))
-        return out
 
     def randn(self, *shape: int, scale: float | None = None) -> np.ndarray:
         fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else shape[0]
@@ -75,16 +58,6 @@ class GraphBuilder:
         mean = self.const((0.1 * self.rng.standard_normal(c)).astype(np.float32), "bn_m")
         var = self.const((0.5 + self.rng.random(c)).astype(np.float32), "bn_v")
         return self.node("BatchNormalization", [x, gamma, beta, mean, var], "bn", epsilon=1e-5)
-
-    def constant(self, array: np.ndarray, prefix: str = "c") -> str:
-        """A ``Constant`` node (for shapes and scalars, as PyTorch exports them)."""
-        out = self.fresh(prefix)
-        self.nodes.append(
-            helper.make_node(
-                "Constant", [], [out], name=out, value=numpy_helper.from_array(np.asarray(array))
-            )
-        )
-        return out
 
     def conv_bn(
         self,
@@ -127,26 +100,6 @@ class GraphBuilder:
         if bias:
             y = self.node("Add", [y, self.const(self.randn(cout, scale=0.1), "fc_b")], "add")
         return y
-
-    def model(self, inputs: dict[str, list[int]], outputs: dict[str, list[int]]) -> onnx.ModelProto:
-        graph = helper.make_graph(
-            self.nodes,
-            self.name,
-            [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs.items()],
-            [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in outputs.items()],
-            initializer=self.inits,
-        )
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
-        model.ir_version = 8
-        onnx.checker.check_model(model)
-        return model
-
-    def rename_output(self, tensor: str, name: str) -> None:
-        """Make the node producing ``tensor`` write to ``name`` instead (for graph outputs)."""
-        for node in self.nodes:
-            for i, out in enumerate(node.output):
-                if out == tensor:
-                    node.output[i] = name
 
 
 def small_cnn(
