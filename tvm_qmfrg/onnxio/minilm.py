@@ -427,28 +427,24 @@ def build_onnx(
         scalar["c.norm_eps"] = np.float32(NORM_EPS)
     for name, value in scalar.items():  # shape (1,), as the graph has always had them
         g.const(np.array([value], dtype=np.float32), name=name)
-    split = g.constant(
-        name="shape.split_heads", array=np.array([0, 0, HEADS, HEAD_DIM], dtype=np.int64)
-    )
-    merge = g.constant(name="shape.merge_heads", array=np.array([0, 0, HIDDEN], dtype=np.int64))
+    split = g.constant(np.array([0, 0, HEADS, HEAD_DIM], dtype=np.int64), name="shape.split_heads")
+    merge = g.constant(np.array([0, 0, HIDDEN], dtype=np.int64), name="shape.merge_heads")
 
     def dense(x: str, prefix: str, name: str) -> str:
-        wname = g.const(name=f"{name}.weight", array=f32(prefix + ".weight").T)
-        bname = g.const(name=f"{name}.bias", array=f32(prefix + ".bias"))
+        wname = g.const(f32(prefix + ".weight").T, name=f"{name}.weight")
+        bname = g.const(f32(prefix + ".bias"), name=f"{name}.bias")
         return g.named("Add", [g.named("MatMul", [x, wname], name), bname], f"{name}.bias_add")
 
     def layer_norm(x: str, prefix: str, name: str) -> str:
-        gamma = g.const(name=f"{name}.gamma", array=f32(prefix + ".weight"))
-        beta = g.const(name=f"{name}.beta", array=f32(prefix + ".bias"))
+        gamma = g.const(f32(prefix + ".weight"), name=f"{name}.gamma")
+        beta = g.const(f32(prefix + ".bias"), name=f"{name}.beta")
         return g.named("LayerNormalization", [x, gamma, beta], name, axis=-1, epsilon=EPS)
 
     # embeddings
-    word = g.const(name="emb.word", array=f32("embeddings.word_embeddings.weight"))
-    pos_table = g.const(name="emb.position", array=f32("embeddings.position_embeddings.weight"))
-    pos_ids = g.const(name="emb.position_ids", array=np.arange(seq_len, dtype=np.int64))
-    token_type = g.const(
-        name="emb.token_type0", array=f32("embeddings.token_type_embeddings.weight")[0]
-    )
+    word = g.const(f32("embeddings.word_embeddings.weight"), name="emb.word")
+    pos_table = g.const(f32("embeddings.position_embeddings.weight"), name="emb.position")
+    pos_ids = g.const(np.arange(seq_len, dtype=np.int64), name="emb.position_ids")
+    token_type = g.const(f32("embeddings.token_type_embeddings.weight")[0], name="emb.token_type0")
     x = g.named("Gather", [word, "input_ids"], "emb.word_gather", axis=0)
     x = g.named("Add", [x, g.named("Gather", [pos_table, pos_ids], "emb.pos_gather")], "emb.add")
     x = g.named("Add", [x, token_type], "emb.add")
@@ -456,7 +452,7 @@ def build_onnx(
 
     # masks: float (b, s); additive key mask (b, 1, 1, s)
     mask = g.named("Cast", ["attention_mask"], "mask.float", to=TensorProto.FLOAT)
-    axes12 = g.constant(name="axes.1_2", array=np.array([1, 2], dtype=np.int64))
+    axes12 = g.constant(np.array([1, 2], dtype=np.int64), name="axes.1_2")
     ext = g.named("Unsqueeze", [mask, axes12], "mask.unsqueeze")
     keep_out = g.named("Sub", ["c.one", ext], "mask.invert")
     attn_bias = g.named("Mul", [keep_out, "c.mask_value"], "mask.bias")
@@ -489,8 +485,8 @@ def build_onnx(
         x = layer_norm(x, p + "output.LayerNorm", f"{n}.ffn_ln")
 
     # masked mean pooling (+ L2 normalization)
-    axis1 = g.const(name="axes.1", array=np.array([1], dtype=np.int64))
-    axes2 = g.constant(name="axes.2", array=np.array([2], dtype=np.int64))
+    axis1 = g.const(np.array([1], dtype=np.int64), name="axes.1")
+    axes2 = g.constant(np.array([2], dtype=np.int64), name="axes.2")
     m3 = g.named("Unsqueeze", [mask, axes2], "pool.mask")
     summed = g.named(
         "ReduceSum", [g.named("Mul", [x, m3], "pool.masked"), axis1], "pool.sum", keepdims=0
