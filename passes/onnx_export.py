@@ -56,6 +56,8 @@ def _value_info(name: str, expr) -> onnx.ValueInfoProto:
 class _Emitter(GraphBuilder):
     """Emits the ONNX nodes of one Relax function, binding by binding."""
 
+    const_prefix = "const"
+
     def __init__(self, model_name: str):
         super().__init__(model_name)
         self.model_name = model_name
@@ -63,7 +65,7 @@ class _Emitter(GraphBuilder):
 
     def ref(self, expr) -> str:
         if isinstance(expr, tvm.ir.GenericConst):
-            return self.const(expr.value.numpy(), "const")
+            return self.const(expr.value.numpy())
         if expr in self.names:
             return self.names[expr]
         raise GraphError(f"{self.model_name}: cannot export a {type(expr).__name__} operand")
@@ -140,7 +142,7 @@ class _Emitter(GraphBuilder):
             if onnx_op == "ReduceSum":
                 return self.node(
                     onnx_op,
-                    [self.ref(args[0]), self.const(np.array(axes, np.int64), "const")],
+                    [self.ref(args[0]), self.const(np.array(axes, np.int64))],
                     keepdims=int(a.keepdims),
                 )
             return self.node(onnx_op, [self.ref(args[0])], axes=axes, keepdims=int(a.keepdims))
@@ -175,13 +177,9 @@ class _Emitter(GraphBuilder):
             )
         if op == "relax.nn.gelu":
             x = self.ref(args[0])
-            erf = self.node(
-                "Erf", [self.node("Div", [x, self.const(np.float32(np.sqrt(2.0)), "const")])]
-            )
-            half = self.node("Mul", [x, self.const(np.float32(0.5), "const")])
-            return self.node(
-                "Mul", [half, self.node("Add", [erf, self.const(np.float32(1.0), "const")])]
-            )
+            erf = self.node("Erf", [self.node("Div", [x, self.const(np.float32(np.sqrt(2.0)))])])
+            half = self.node("Mul", [x, self.const(np.float32(0.5))])
+            return self.node("Mul", [half, self.node("Add", [erf, self.const(np.float32(1.0))])])
         if op == "relax.nn.silu":
             x = self.ref(args[0])
             return self.node("Mul", [x, self.node("Sigmoid", [x])])

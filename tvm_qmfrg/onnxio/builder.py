@@ -31,6 +31,8 @@ class GraphBuilder:
     the finished model.
     """
 
+    const_prefix = "w"  # the prefix of an initializer's fresh name
+
     def __init__(self, name: str = "graph"):
         self.name = name
         self.nodes: list[onnx.NodeProto] = []
@@ -49,9 +51,9 @@ class GraphBuilder:
         self._given[name] = k + 1
         return name if k == 0 else f"{name}_{k}"
 
-    def const(self, array, prefix: str = "w", *, name: str | None = None) -> str:
+    def const(self, array, prefix: str | None = None, *, name: str | None = None) -> str:
         """An initializer holding ``array`` (named ``name`` exactly, or fresh)."""
-        out = name if name is not None else self.fresh(prefix)
+        out = name if name is not None else self.fresh(prefix or self.const_prefix)
         self.inits.append(numpy_helper.from_array(np.asarray(array), out))
         return out
 
