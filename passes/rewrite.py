@@ -86,6 +86,9 @@ def _fold_consumer(
             wk = np.tensordot(np.asarray(refit.r, np.float64), wf, axes=([0], [0]))
             w[seg.positions(kept)] = wk.reshape((-1,) + w.shape[1:])
             continue
+        if seg.ppf >= 1 and seg.first == 0 and seg.features == gp.channels:
+            _fold_merges(w, taps, bias, seg, gp)
+            continue
         for f, mu in gp.offsets.items():
             bias += mu * taps[seg.positions(np.array([f]))].sum(axis=0)
         for j, i, c in gp.merges:
@@ -93,6 +96,27 @@ def _fold_consumer(
             pi = seg.positions(np.arange(i * u, (i + 1) * u))
             w[pi] += c * w[pj]
     return np.moveaxis(w, 0, site.axis).astype(weight.dtype), bias
+
+
+def _fold_merges(w: np.ndarray, taps: np.ndarray, bias: np.ndarray, seg, gp) -> None:
+    """The offsets and merges of ``gp`` folded into ``w`` and ``bias`` (in place), for a
+    segment holding every feature of the group with whole positions per feature: the
+    positions of all units at once, and the same sums in the same order as one merge at a
+    time (a merge reads a pruned unit and writes a kept one, so none reads another's write).
+    """
+    k, u = int(seg.ppf), gp.unit
+    if gp.offsets:
+        feats = np.fromiter(gp.offsets, np.int64, len(gp.offsets))
+        mus = np.fromiter(gp.offsets.values(), np.float64, len(gp.offsets))
+        per_feature = taps[seg.positions(feats)].reshape(feats.size, k, -1).sum(axis=1)
+        for mu, row in zip(mus, per_feature):
+            bias += mu * row
+    if gp.merges:
+        js, is_, cs = (np.array(col) for col in zip(*gp.merges))
+        units = np.arange(u)
+        pj = seg.positions((js[:, None] * u + units).reshape(-1)).reshape(js.size, u * k)
+        pi = seg.positions((is_[:, None] * u + units).reshape(-1)).reshape(js.size, u * k)
+        np.add.at(w, pi, cs.reshape((-1,) + (1,) * (w.ndim)) * w[pj])
 
 
 def plan_edits(analysis: ChannelAnalysis, decided: dict, *, mask: bool = False) -> dict:

@@ -15,6 +15,7 @@ from tvm_qmfrg.passes.prune import QMFRGPrune, apply_plan, plan_pruning
 
 from tvm_qmfrg import GraphError, OptionError
 from tvm_qmfrg.onnxio import synthetic
+from tvm_qmfrg.onnxio.builder import GraphBuilder
 from tvm_qmfrg.plan import PruningPlan
 
 FAMILIES = ["resnet_cifar", "mobilenet_v2", "vgg", "mlp", "bert_encoder"]
@@ -266,6 +267,47 @@ def test_modules_with_weights_as_parameters(models):
     dense = QMFRGPrune(sparsity=0.3)(load(model))
     x = random_input(model)
     np.testing.assert_allclose(run(pruned, x), run(dense, x), atol=1e-5)
+
+
+def _gelu_model(form: str) -> onnx.ModelProto:
+    """A linear layer then exact GELU in one exporter's form."""
+    g = GraphBuilder("gelu")
+    w = np.random.default_rng(0).standard_normal((8, 8)).astype(np.float32)
+    h = g.node("MatMul", ["x", g.const(w)])
+    if form.endswith("mul_inv_sqrt2"):
+        scaled = g.node("Mul", [g.constant(np.float32(np.sqrt(0.5))), h])
+    else:
+        scaled = g.node("Div", [h, g.constant(np.float32(np.sqrt(2.0)))])
+    erf1 = g.node("Add", [g.constant(np.float32(1)), g.node("Erf", [scaled])])
+    half = g.constant(np.float32(0.5))
+    if form.startswith("x_half_first"):  # x * 0.5 * (1 + erf(...)): PyTorch's BERT
+        y = g.node("Mul", [g.node("Mul", [h, half]), erf1])
+    else:  # 0.5 * (x * (1 + erf(...)))
+        y = g.node("Mul", [half, g.node("Mul", [erf1, h])])
+    g.rename_output(y, "y")
+    return g.model({"x": [2, 8]}, {"y": [2, 8]})
+
+
+@pytest.mark.parametrize(
+    "form", ["x_half_first", "x_half_first_mul_inv_sqrt2", "half_last", "half_last_mul_inv_sqrt2"]
+)
+def test_normalize_fuses_exact_gelu_in_each_exporters_order(form):
+    model = _gelu_model(form)
+    mod = load(model)
+    fused = normalize(mod)
+    assert "R.erf(" not in fused.script() and fused.script().count("R.nn.gelu(") == 1
+    x = random_input(model)
+    np.testing.assert_allclose(run(fused, x), run(mod, x), rtol=1e-5, atol=1e-5)
+
+
+def test_normalize_leaves_a_near_gelu_alone():
+    model = _gelu_model("half_last")
+    for node in model.graph.node:  # 0.5 -> 0.6: not GELU any more
+        for attr in node.attribute:
+            if node.op_type == "Constant" and numpy_helper.to_array(attr.t).tolist() == 0.5:
+                attr.t.CopyFrom(numpy_helper.from_array(np.float32(0.6), attr.t.name))
+    fused = normalize(load(model))
+    assert "R.erf(" in fused.script() and "R.nn.gelu(" not in fused.script()
 
 
 def test_normalize_fuses_the_onnx_erf_gelu_into_one_op():

@@ -115,10 +115,12 @@ class MergeScorer(Scorer):
     def exact_cosine(self, j: int, i: np.ndarray) -> np.ndarray:
         return (self.states[i] @ self.states[j]) / (self.norms[i] * self.norms[j])
 
-    def _exact(self, j: int, i: int) -> float:
-        """The float64 cosine of the chosen pair (one expression for :meth:`best` and
-        :meth:`best_all`: near an exact merge ``sin`` amplifies its last bits)."""
-        return float(self.states[i] @ self.states[j]) / (self.norms[i] * self.norms[j])
+    def _exact(self, j: np.ndarray, i: np.ndarray) -> np.ndarray:
+        """The float64 cosines of the chosen pairs ``(j[k], i[k])``: one expression (a
+        row-wise pairwise sum, the same bits for one pair or many) for :meth:`best` and
+        :meth:`best_all`, since near an exact merge ``sin`` amplifies the last bits."""
+        dots = np.multiply(self.states[j], self.states[i]).sum(axis=1)
+        return dots / (self.norms[i] * self.norms[j])
 
     def best(self, j: int, alive: np.ndarray) -> tuple[float, int, float]:
         cand = np.flatnonzero(alive) if self.candidates is None else self.candidates[j]
@@ -132,7 +134,7 @@ class MergeScorer(Scorer):
         if not np.isfinite(score[k]) or score[k] <= 0:
             return removal, -1, 0.0
         i = int(cand[k])
-        exact = self._exact(j, i)
+        exact = float(self._exact(np.array([j]), np.array([i]))[0])
         score_i = exact if self.signed else abs(exact)
         if score_i <= 0:
             return removal, -1, 0.0
@@ -150,18 +152,14 @@ class MergeScorer(Scorer):
         partner = np.argmax(score, axis=1)
         top = score[np.arange(partner.size), partner]
         removal = self.costs / self.scale
-        exact = np.array([self._exact(j, int(i)) for j, i in enumerate(partner)])
+        exact = self._exact(np.arange(partner.size), partner)
         exact_score = exact if self.signed else np.abs(exact)
         others = int(alive.sum()) - alive.astype(int)  # alive candidates besides the unit
         merge = (others > 0) & (self.costs != 0) & np.isfinite(top) & (top > 0) & (exact_score > 0)
         sin = np.sqrt(np.maximum(0.0, 1.0 - np.minimum(1.0, exact_score) ** 2))
-        scale = exact * self.norms / self.norms[partner]
-        return [
-            (float(removal[j] * sin[j]), int(partner[j]), float(scale[j]))
-            if merge[j]
-            else (float(removal[j]), -1, 0.0)
-            for j in range(partner.size)
-        ]
+        cost = np.where(merge, removal * sin, removal)
+        scale = np.where(merge, exact * self.norms / self.norms[partner], 0.0)
+        return list(zip(cost.tolist(), np.where(merge, partner, -1).tolist(), scale.tolist()))
 
 
 Factory = Callable[[ChannelGroup, np.random.Generator], Scorer]
