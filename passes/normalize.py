@@ -1,13 +1,13 @@
 """Bring an imported Relax module into the form the channel analysis reads.
 
 After :func:`normalize` the ``main`` function is one flat sequence of bindings whose
-weights are constants: parameters bound (``BindParams``), constant sub-expressions folded
-(``FoldConstant`` on the bindings computable from constants: a Gemm's ``permute_dims(W)`` becomes a transposed constant, a conv bias
-``reshape(b)`` a ``(1, C, 1, 1)`` constant), ONNX ``Clip`` lowered from fixed-shape
-``call_tir`` kernels back to ``maximum``/``minimum`` ops (a ``call_tir`` keeps its output
-shape when its input shrinks, so a pruned graph through it would be ill-formed), the
-``erf`` form of exact GELU fused into ``nn.gelu`` (one activation the analysis knows, in
-each exporter's order of the factors), trivial
+weights are constants: parameters bound (``BindParams``); constant sub-expressions folded
+(``FoldConstant`` on the bindings computable from constants: a Gemm's ``permute_dims(W)``
+becomes a transposed constant, a conv bias ``reshape(b)`` a ``(1, C, 1, 1)`` constant);
+ONNX ``Clip`` lowered from fixed-shape ``call_tir`` kernels back to ``maximum``/``minimum``
+ops (a ``call_tir`` keeps its output shape when its input shrinks, so a pruned graph
+through it would be ill-formed); the ``erf`` form of exact GELU fused into ``nn.gelu``
+(one activation the analysis knows, in each exporter's order of the factors); trivial
 bindings canonicalized and dead code removed.
 
 BatchNorm is deliberately *not* folded into the convolutions here: its running statistics

@@ -115,9 +115,9 @@ class MergeScorer(Scorer):
     def exact_cosine(self, j: int, i: np.ndarray) -> np.ndarray:
         return (self.states[i] @ self.states[j]) / (self.norms[i] * self.norms[j])
 
-    def _exact(self, j: np.ndarray, i: np.ndarray) -> np.ndarray:
-        """The float64 cosines of the chosen pairs ``(j[k], i[k])``: one expression (a
-        row-wise pairwise sum, the same bits for one pair or many) for :meth:`best` and
+    def _exact(self, j: slice | np.ndarray, i: np.ndarray) -> np.ndarray:
+        """The float64 cosines of the pairs ``(j[k], i[k])``: one expression (a row-wise
+        pairwise sum, the same bits for one pair or many) for :meth:`best` and
         :meth:`best_all`, since near an exact merge ``sin`` amplifies the last bits."""
         dots = np.multiply(self.states[j], self.states[i]).sum(axis=1)
         return dots / (self.norms[i] * self.norms[j])
@@ -134,7 +134,7 @@ class MergeScorer(Scorer):
         if not np.isfinite(score[k]) or score[k] <= 0:
             return removal, -1, 0.0
         i = int(cand[k])
-        exact = float(self._exact(np.array([j]), np.array([i]))[0])
+        exact = float(self._exact(slice(j, j + 1), np.array([i]))[0])
         score_i = exact if self.signed else abs(exact)
         if score_i <= 0:
             return removal, -1, 0.0
@@ -152,7 +152,7 @@ class MergeScorer(Scorer):
         partner = np.argmax(score, axis=1)
         top = score[np.arange(partner.size), partner]
         removal = self.costs / self.scale
-        exact = self._exact(np.arange(partner.size), partner)
+        exact = self._exact(slice(None), partner)
         exact_score = exact if self.signed else np.abs(exact)
         others = int(alive.sum()) - alive.astype(int)  # alive candidates besides the unit
         merge = (others > 0) & (self.costs != 0) & np.isfinite(top) & (top > 0) & (exact_score > 0)

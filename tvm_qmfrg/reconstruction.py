@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -38,9 +38,13 @@ SELECTION_RIDGE = 1e-3  # relative to the mean feature variance, while selecting
 RIDGES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # candidates for the refit's ridge
 
 
+BLOCK_ROWS = 2048  # rows gathered before their products are formed (one GEMM per block)
+
+
 @dataclass
 class Moments:
-    """Running sums of paired samples ``(x~, x)``: current and dense features, rows = samples."""
+    """Running sums of paired samples ``(x~, x)``: current and dense features, rows = samples
+    (``n`` of them, the gathered ``pending`` rows included)."""
 
     n: float
     sx: np.ndarray
@@ -48,6 +52,7 @@ class Moments:
     sxx: np.ndarray
     sxy: np.ndarray
     syy: np.ndarray
+    pending: list = field(default_factory=list, repr=False, compare=False)  # rows not summed
 
     @classmethod
     def empty(cls, features: int) -> Moments:
@@ -58,14 +63,24 @@ class Moments:
     def add(self, current: np.ndarray, dense: np.ndarray) -> None:
         """Add rows (``current`` and ``dense`` are ``(rows, F)``, the same samples).
 
-        The products of one call are formed in the rows' precision (float32 activations:
-        float32 GEMMs, twice as fast) and summed across calls in float64.
+        Rows are gathered up to :data:`BLOCK_ROWS`; the products of a block are formed in the
+        rows' precision (float32 activations: float32 GEMMs, twice as fast) and summed
+        across blocks in float64.
         """
-        same = current is dense
-        dtype = np.result_type(current, dense, np.float32)
-        xc = np.asarray(current, dtype)
-        xd = xc if same else np.asarray(dense, dtype)
-        self.n += xc.shape[0]
+        self.n += current.shape[0]
+        self.pending.append((current, dense))
+        if sum(c.shape[0] for c, _ in self.pending) >= BLOCK_ROWS:
+            self.flush()
+
+    def flush(self) -> None:
+        """Sum the gathered rows into the moments."""
+        if not self.pending:
+            return
+        same = all(c is d for c, d in self.pending)
+        dtype = np.result_type(*[a for pair in self.pending for a in pair], np.float32)
+        xc = np.concatenate([np.asarray(c, dtype) for c, _ in self.pending])
+        xd = xc if same else np.concatenate([np.asarray(d, dtype) for _, d in self.pending])
+        self.pending.clear()
         self.sx += xc.sum(axis=0, dtype=np.float64)
         self.sy += xd.sum(axis=0, dtype=np.float64)
         xx = xc.T @ xc
@@ -74,6 +89,8 @@ class Moments:
         self.syy += xx if same else xd.T @ xd
 
     def __add__(self, other: Moments) -> Moments:
+        self.flush()
+        other.flush()
         return Moments(
             self.n + other.n,
             self.sx + other.sx,
@@ -85,6 +102,7 @@ class Moments:
 
     def stats(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """``(mean x~, mean x, G, C, D)``: means and (co)variances."""
+        self.flush()
         n = max(self.n, 1.0)
         mx, my = self.sx / n, self.sy / n
         g = self.sxx / n - np.outer(mx, mx)
