@@ -183,9 +183,11 @@ class _State:
         m = sum(w * x.gram for w, x in zip(weights, datas))
         self.h = np.linalg.inv(g + _ridge(g, ridge) * np.eye(g.shape[0]))
         hc = self.h @ c
-        self.q = hc @ m @ hc.T
+        hcm = hc @ m
+        self.q = hcm @ hc.T
+        # tr(H C M C^T) without the F x F product: the sum of (H C M) o C
         self.base = sum(w * _energy(x.gram, d) for w, x in zip(weights, datas)) - float(
-            np.trace(self.h @ (c @ m @ c.T))
+            np.sum(hcm * c)
         )
 
     def remove(self, idx: np.ndarray, rest: np.ndarray) -> float:
@@ -194,8 +196,8 @@ class _State:
         q_uu = self.q[np.ix_(idx, idx)]
         rise = float(np.trace(np.linalg.solve(h_uu, q_uu)))
         a = np.linalg.solve(h_uu, self.h[np.ix_(idx, rest)]).T  # H_rU H_UU^-1
-        q_ru = self.q[np.ix_(rest, idx)]
-        q = self.q[np.ix_(rest, rest)] - a @ q_ru.T - q_ru @ a.T + a @ q_uu @ a.T
+        aq = a @ self.q[np.ix_(rest, idx)].T  # A Q_Ur; its transpose is Q_rU A^T
+        q = self.q[np.ix_(rest, rest)] - aq - aq.T + a @ q_uu @ a.T
         self.h = self.h[np.ix_(rest, rest)] - a @ self.h[np.ix_(idx, rest)]
         self.q = 0.5 * (q + q.T)
         return max(rise, 0.0)
