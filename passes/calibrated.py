@@ -833,11 +833,8 @@ def calibrate_plans(
     return [by_space.get(sid, gp) for sid, gp in plans]
 
 
-def _decide(
-    engine, stages, data, rows, model, settings, correction, t0, refit_all=True, refine=True
-) -> dict:
-    """Every stage's plan, in order (see the module docstring, item 4); ``refine``: then
-    the refit pass over the consumers a later stage changed the input of (:func:`_refine`)."""
+def _decide(engine, stages, data, rows, model, settings, correction, t0, refit_all=True) -> dict:
+    """Every stage's plan, in order (see the module docstring, item 4)."""
     decided: dict = {}
     for i, st in enumerate(stages):
         datas = collect(
@@ -864,15 +861,17 @@ def _decide(
             st.plan.units,
             time.perf_counter() - t0,
         )
-    if refine and settings.sequential and settings.reconstruct:
+    if settings.sequential and settings.reconstruct:
         _refine(engine, stages, decided, data, rows, model, settings, correction, refit_all)
     return decided
 
 
 def _choose_correction(engine, stages, data, rows, model, settings, t0) -> dict:
     """The sequential plans for each of :data:`CORRECTIONS`, refit on the fitting samples
-    only; the one whose network output is closest to the dense one on the held-out samples,
-    compared before the final refit pass (:func:`_refine`), which then runs for it alone.
+    only; the one whose network output is closest to the dense one on the held-out samples.
+    (Each is compared after its final refit pass, :func:`_refine`: before it, the consumers
+    whose input a later group changed still hold refits of the earlier input, and the
+    network's output is far off for every candidate.)
 
     Which target generalizes depends on the model (measured: a BatchNorm CNN keeps more
     with the dense target, a LayerNorm transformer with the consumer's own output), so it is
@@ -888,9 +887,7 @@ def _choose_correction(engine, stages, data, rows, model, settings, t0) -> dict:
 
     candidates = []
     for c in CORRECTIONS:
-        decided = _decide(
-            engine, stages, data, rows, model, settings, c, t0, refit_all=False, refine=False
-        )
+        decided = _decide(engine, stages, data, rows, model, settings, c, t0, refit_all=False)
         got = [held_rows(b, out) for b, out in zip(held, engine.outputs_of(decided, data, held))]
         candidates.append((c, decided, np.concatenate(got)))
     # the dense outputs last: the frontier of the dense network is then near the end
@@ -904,10 +901,7 @@ def _choose_correction(engine, stages, data, rows, model, settings, t0) -> dict:
         if best is None or err < best[0]:
             best = (err, c, decided)
     log.info("%s: refit correction %g chosen", model, best[1])
-    _, c, decided = best
-    if settings.reconstruct:
-        _refine(engine, stages, decided, data, rows, model, settings, c, refit_all=False)
-    return decided
+    return best[2]
 
 
 def _refine(engine, stages, decided, data, rows, model, settings, correction, refit_all) -> None:
