@@ -49,6 +49,31 @@ def test_moments_of_two_halves_add_up_to_the_moments_of_all_rows():
     np.testing.assert_allclose(c, (x - x.mean(0)).T @ (y - y.mean(0)) / 50, atol=1e-12)
 
 
+@settings(max_examples=30, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    cuts=st.lists(st.integers(1, 400), min_size=1, max_size=12),
+    same=st.booleans(),
+)
+def test_moments_gathered_in_blocks_equal_the_moments_of_all_rows_at_once(seed, cuts, same):
+    rng = np.random.default_rng(seed)
+    n = sum(cuts)
+    x = rng.standard_normal((n, 4)) + 3.0
+    y = x if same else rng.standard_normal((n, 4))
+    blocks, edges = rec.Moments.empty(4), np.cumsum([0, *cuts])
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        blocks.add(x[lo:hi], x[lo:hi] if same else y[lo:hi])
+        assert blocks.n == hi  # gathered rows count before they are summed
+    assert sum(len(c) for c, _ in blocks.pending) < rec.BLOCK_ROWS  # full blocks are summed
+    mx, my, g, c, d = blocks.stats()
+    assert not blocks.pending
+    np.testing.assert_allclose(mx, x.mean(0), atol=1e-12)
+    np.testing.assert_allclose(my, y.mean(0), atol=1e-12)
+    np.testing.assert_allclose(g, np.cov(x.T, bias=True), atol=1e-10)
+    np.testing.assert_allclose(c, (x - x.mean(0)).T @ (y - y.mean(0)) / n, atol=1e-10)
+    np.testing.assert_allclose(d, np.cov(y.T, bias=True), atol=1e-10)
+
+
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 10_000), features=st.integers(3, 7), keep=st.integers(1, 3))
 def test_the_loss_curve_ends_at_the_least_squares_loss_of_the_kept_features(seed, features, keep):
