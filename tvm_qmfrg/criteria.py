@@ -100,8 +100,11 @@ class MergeScorer(Scorer):
         units = group.units
         if units <= DENSE_LIMIT:
             # float32 ranks the candidates; the chosen pair is recomputed in float64 (best())
-            unit = np.zeros(group.states.shape, dtype=np.float32)
-            unit[nonzero] = unit_rows(group.states[nonzero], np.float32)
+            if nonzero.all():  # the common case: no gather and scatter of the states
+                unit = unit_rows(group.states, np.float32)
+            else:
+                unit = np.zeros(group.states.shape, dtype=np.float32)
+                unit[nonzero] = unit_rows(group.states[nonzero], np.float32)
             self.cos = unit @ unit.T
             np.fill_diagonal(self.cos, -np.inf)
             self.cos[~nonzero, :] = -np.inf
