@@ -17,7 +17,9 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from .channels import ChannelAnalysis, Layout, Site
+from tvm_qmfrg.plan import GroupPlan
+
+from .channels import ChannelAnalysis, Layout, Segment, Site
 from .importer import bind_named
 
 PRUNED_SUFFIX = "_pruned"  # a binding that then gets a compensation add keeps its name + this
@@ -98,7 +100,9 @@ def _fold_consumer(
     return np.moveaxis(w, 0, site.axis).astype(weight.dtype), bias
 
 
-def _fold_merges(w: np.ndarray, taps: np.ndarray, bias: np.ndarray, seg, gp) -> None:
+def _fold_merges(
+    w: np.ndarray, taps: np.ndarray, bias: np.ndarray, seg: Segment, gp: GroupPlan
+) -> None:
     """The offsets and merges of ``gp`` folded into ``w`` and ``bias`` (in place), for a
     segment holding every feature of the group with whole positions per feature: the
     positions of all units at once, and the same sums in the same order as one merge at a
