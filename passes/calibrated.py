@@ -67,6 +67,7 @@ class Read:
     residual: relax.Var | None = None  # the stream the consumer's output is added to
     lift: np.ndarray | None = None  # (out, F): a drift of that stream, in this read's features
     out_axis: int = -1  # channel axis of the consumer's output (and of the stream)
+    factor: np.ndarray | None = None  # W^T (F x out), gram = factor factor^T, when narrow
 
 
 @dataclass
@@ -103,7 +104,8 @@ def consumer_reads(analysis: ChannelAnalysis, values: dict, space_id: int, order
                 if w.shape[0] != site.layout.size:
                     continue
                 w = w[seg.positions(np.arange(sp.size))].reshape(sp.size, -1)
-                out.append(Read(var, data, site, seg, w @ w.T, order[var]))
+                narrow = w if w.shape[1] <= w.shape[0] else None
+                out.append(Read(var, data, site, seg, w @ w.T, order[var], factor=narrow))
     return out
 
 
@@ -652,7 +654,7 @@ def collect(
             else (rec.Moments.empty(seg.features), rec.Moments.empty(seg.features))
         )
         # the name is the binding the refit folds into (rewrite matches it)
-        out.append(rec.ConsumerData(r.consumer.name, r.gram, fit, held))
+        out.append(rec.ConsumerData(r.consumer.name, r.gram, fit, held, r.factor))
         first.setdefault(key, out[-1])
         if shared is None:
             own.append((r, out[-1]))

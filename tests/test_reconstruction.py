@@ -224,3 +224,38 @@ def test_consumers_sharing_their_moments_select_as_if_each_held_its_own(seed, fe
     np.testing.assert_allclose(
         [v for _, v in curve_shared], [v for _, v in curve_apart], rtol=1e-7, atol=1e-9
     )
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    features=st.integers(5, 10),
+    unit=st.sampled_from([1, 2]),
+    drift=st.booleans(),
+)
+def test_selection_and_refit_through_a_narrow_weight_factor_equal_those_through_the_gram(
+    seed, features, unit, drift
+):
+    rng = np.random.default_rng(seed)
+    features -= features % unit
+    dense = correlated(rng, 300, features)
+    current = dense + 0.3 * rng.standard_normal(dense.shape) if drift else dense
+    readers = [rng.standard_normal((int(rng.integers(1, features // 2 + 1)), features))]
+    readers.append(rng.standard_normal((1, features)))
+    by_gram = [consumer(current, dense, w, f"c{i}", held_every=4) for i, w in enumerate(readers)]
+    by_factor = [  # the same moments; the consumers' weights W^T as their factor
+        rec.ConsumerData(c.name, c.gram, c.fit, c.held, w.T) for c, w in zip(by_gram, readers)
+    ]
+    units = features // unit
+    keeps = [units - 1, max(1, units // 2)]
+    kept_g, curve_g = rec.select_path(by_gram, unit, keeps)
+    kept_f, curve_f = rec.select_path(by_factor, unit, keeps)
+    assert kept_f == kept_g
+    np.testing.assert_allclose(
+        [v for _, v in curve_f], [v for _, v in curve_g], rtol=1e-7, atol=1e-9
+    )
+    feats = np.array([f for k in kept_g[1] for f in range(k * unit, (k + 1) * unit)])
+    fit_g, fit_f = rec.reconstruct(by_gram[0], feats), rec.reconstruct(by_factor[0], feats)
+    assert fit_f.ridge == fit_g.ridge
+    assert fit_f.held_out_loss == pytest.approx(fit_g.held_out_loss, rel=1e-7, abs=1e-10)
+    np.testing.assert_allclose(fit_f.r, fit_g.r, rtol=1e-9, atol=1e-12)

@@ -31,6 +31,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+from scipy import linalg
+from scipy.linalg import blas
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,7 @@ class Moments:
     sxy: np.ndarray
     syy: np.ndarray
     pending: list = field(default_factory=list, repr=False, compare=False)  # rows not summed
+    _stats: tuple | None = field(default=None, repr=False, compare=False)  # until rows come
 
     @classmethod
     def empty(cls, features: int) -> Moments:
@@ -68,6 +71,7 @@ class Moments:
         across blocks in float64.
         """
         self.n += current.shape[0]
+        self._stats = None
         self.pending.append((current, dense))
         if sum(c.shape[0] for c, _ in self.pending) >= BLOCK_ROWS:
             self.flush()
@@ -101,14 +105,17 @@ class Moments:
         )
 
     def stats(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """``(mean x~, mean x, G, C, D)``: means and (co)variances."""
+        """``(mean x~, mean x, G, C, D)``: means and (co)variances (computed once; the
+        arrays are shared, do not modify them)."""
         self.flush()
-        n = max(self.n, 1.0)
-        mx, my = self.sx / n, self.sy / n
-        g = self.sxx / n - np.outer(mx, mx)
-        c = self.sxy / n - np.outer(mx, my)
-        d = self.syy / n - np.outer(my, my)
-        return mx, my, g, c, d
+        if self._stats is None:
+            n = max(self.n, 1.0)
+            mx, my = self.sx / n, self.sy / n
+            g = self.sxx / n - np.outer(mx, mx)
+            c = self.sxy / n - np.outer(mx, my)
+            d = self.syy / n - np.outer(my, my)
+            self._stats = (mx, my, g, c, d)
+        return self._stats
 
 
 @dataclass
@@ -117,16 +124,24 @@ class ConsumerData:
 
     ``fit`` and ``held`` hold disjoint calibration samples (the held-out part chooses the
     refit's ridge); ``gram`` is ``M = sum_taps W_tap^T W_tap`` over the group's features.
+    ``factor`` (optional, ``F x r``) is ``W^T`` itself, ``M = factor factor^T``: with
+    ``r < F`` the selection and the loss work through it (``r`` instead of ``F`` columns).
     """
 
     name: str
     gram: np.ndarray
     fit: Moments
     held: Moments
+    factor: np.ndarray | None = None
+    _all: tuple | None = field(default=None, repr=False, compare=False)
 
     @property
     def all(self) -> Moments:
-        return self.fit + self.held
+        """The moments of every sample (computed once while no rows are added)."""
+        key = (self.fit.n, self.held.n)
+        if self._all is None or self._all[0] != key:
+            self._all = (key, self.fit + self.held)
+        return self._all[1]
 
     @property
     def rows(self) -> int:
@@ -157,49 +172,62 @@ def _features(units: Sequence[int], unit: int) -> np.ndarray:
     return (u[:, None] * unit + np.arange(unit)[None, :]).reshape(-1)
 
 
-def _unit_costs(h: np.ndarray, q: np.ndarray, unit: int) -> np.ndarray:
-    """``tr(H_uu^-1 Q_uu)`` for every unit block on the diagonal."""
-    if unit == 1:
-        return np.diag(q) / np.maximum(np.diag(h), 1e-300)
-    n = h.shape[0] // unit
-    idx = np.arange(n)
-    hb = h.reshape(n, unit, n, unit)[idx, :, idx, :]
-    qb = q.reshape(n, unit, n, unit)[idx, :, idx, :]
-    return np.trace(np.linalg.solve(hb, qb), axis1=1, axis2=2)
+def _factor(datas: Sequence[ConsumerData], weights: Sequence[float]) -> np.ndarray:
+    """``L`` with ``L L^T = sum_c w_c M_c``: the consumers' own factors side by side when
+    they are narrower than ``F`` together, else from the eigendecomposition of the sum."""
+    features = datas[0].gram.shape[0]
+    if all(x.factor is not None for x in datas):
+        if sum(x.factor.shape[1] for x in datas) <= features:
+            return np.hstack([np.sqrt(w) * x.factor for w, x in zip(weights, datas)])
+    vals, vecs = np.linalg.eigh(sum(w * x.gram for w, x in zip(weights, datas)))
+    live = vals > vals[-1] * 1e-12 if vals.size else vals > 0
+    return vecs[:, live] * np.sqrt(vals[live])
 
 
 class _State:
-    """``H`` and ``Q`` over the alive features of the consumers that read one set of
-    moments (see module docstring).
+    """``H`` and ``Q = P P^T`` over the features of the consumers that read one set of
+    moments (see module docstring), with ``P = H C L`` for ``M = L L^T``.
 
     Consumers of the same features (the Q, K and V projections of one input) share ``H``;
     the removal cost ``tr(H_UU^-1 Q_UU)`` and the downdate of ``Q`` are linear in ``Q``, so
-    one state with ``Q = H C (sum_c M_c / tr(M_c D)) C^T H`` holds all of them.
+    one state with ``M = sum_c M_c / tr(M_c D)`` holds all of them. Removing ``U`` downdates
+    ``H <- H - H_:U H_UU^-1 H_U:`` and ``P <- P - H_:U H_UU^-1 P_U`` (then ``P P^T`` is the
+    downdated ``Q``). Both stay full-size and are updated in place: the rows and columns of
+    removed features become zero and are never read again.
     """
 
     def __init__(self, datas: Sequence[ConsumerData], ridge: float):
         _, _, g, c, d = datas[0].all.stats()
         weights = [1.0 / _energy(x.gram, d) for x in datas]
-        m = sum(w * x.gram for w, x in zip(weights, datas))
-        self.h = np.linalg.inv(g + _ridge(g, ridge) * np.eye(g.shape[0]))
-        hc = self.h @ c
-        hcm = hc @ m
-        self.q = hcm @ hc.T
-        # tr(H C M C^T) without the F x F product: the sum of (H C M) o C
-        self.base = sum(w * _energy(x.gram, d) for w, x in zip(weights, datas)) - float(
-            np.sum(hcm * c)
-        )
+        # F-ordered, so BLAS updates them in place (H is symmetric: H^T is H)
+        self.h = np.asfortranarray(np.linalg.inv(g + _ridge(g, ridge) * np.eye(g.shape[0])))
+        cl = c @ _factor(datas, weights)
+        self.p = np.asfortranarray(self.h @ cl)
+        # tr(H C M C^T) = tr(L^T C^T H C L) = sum((C L) o P)
+        self.base = float(len(datas)) - float(np.sum(cl * self.p))
 
-    def remove(self, idx: np.ndarray, rest: np.ndarray) -> float:
-        """Drop the alive positions ``idx``; return the weighted loss increase."""
-        h_uu = self.h[np.ix_(idx, idx)]
-        q_uu = self.q[np.ix_(idx, idx)]
-        rise = float(np.trace(np.linalg.solve(h_uu, q_uu)))
-        a = np.linalg.solve(h_uu, self.h[np.ix_(idx, rest)]).T  # H_rU H_UU^-1
-        aq = a @ self.q[np.ix_(rest, idx)].T  # A Q_Ur; its transpose is Q_rU A^T
-        q = self.q[np.ix_(rest, rest)] - aq - aq.T + a @ q_uu @ a.T
-        self.h = self.h[np.ix_(rest, rest)] - a @ self.h[np.ix_(idx, rest)]
-        self.q = 0.5 * (q + q.T)
+    def costs(self, alive: np.ndarray, unit: int) -> np.ndarray:
+        """``tr(H_uu^-1 Q_uu)`` of every alive unit (position ``alive[i]`` in the full
+        features)."""
+        feats = _features(alive, unit)
+        if unit == 1:
+            q = np.einsum("ij,ij->i", self.p, self.p)[feats]
+            return q / np.maximum(self.h[feats, feats], 1e-300)
+        pb = self.p[feats].reshape(alive.size, unit, -1)
+        qb = np.einsum("nur,nvr->nuv", pb, pb)
+        fu = feats.reshape(alive.size, unit)
+        hb = self.h[fu[:, :, None], fu[:, None, :]]  # the diagonal blocks H_uu
+        return np.trace(np.linalg.solve(hb, qb), axis1=1, axis2=2)
+
+    def remove(self, idx: np.ndarray) -> float:
+        """Drop the features ``idx``; return the weighted loss increase."""
+        h_u = np.ascontiguousarray(self.h[:, idx].T)  # H_U: (|U|, F); H is symmetric
+        p_u = self.p[idx]
+        h_uu = h_u[:, idx]
+        rise = float(np.trace(np.linalg.solve(h_uu, p_u @ p_u.T)))
+        a_t = np.linalg.solve(h_uu, h_u)  # (H_:U H_UU^-1)^T
+        self.h = blas.dgemm(-1.0, a_t, h_u, 1.0, self.h, trans_a=1, overwrite_c=1)
+        self.p = blas.dgemm(-1.0, a_t, p_u, 1.0, self.p, trans_a=1, overwrite_c=1)
         return max(rise, 0.0)
 
 
@@ -241,36 +269,85 @@ def select_path(
     for c in consumers:
         shared.setdefault((id(c.fit), id(c.held)), []).append(c)
     states = [_State(datas, ridge) for datas in shared.values()]
-    alive = list(range(units))
+    alive = np.arange(units)
     loss = float(sum(s.base for s in states))
     curve = [(0, loss)]
     found: dict[int, list[int]] = {}
     for keep in sorted(set(keeps), reverse=True):
-        while len(alive) > keep:
-            costs = sum(_unit_costs(s.h, s.q, unit) for s in states)
-            left = len(alive) - keep
+        while alive.size > keep:
+            costs = sum(s.costs(alive, unit) for s in states)
+            left = alive.size - keep
             take = max(1, min(left, int(batch_fraction * left)))
-            drop = set(np.argsort(costs, kind="stable")[:take].tolist())
-            idx = _features([i for i in range(len(alive)) if i in drop], unit)
-            rest = _features([i for i in range(len(alive)) if i not in drop], unit)
-            loss += sum(s.remove(idx, rest) for s in states)
-            alive = [u for i, u in enumerate(alive) if i not in drop]
-            curve.append((units - len(alive), loss))
-        found[keep] = sorted(alive)
+            drop = np.zeros(alive.size, bool)
+            drop[np.argsort(costs, kind="stable")[:take]] = True
+            idx = _features(alive[drop], unit)
+            loss += sum(s.remove(idx) for s in states)
+            alive = alive[~drop]
+            curve.append((units - alive.size, loss))
+        found[keep] = alive.tolist()
     return [found[k] for k in keeps], curve
 
 
-def _loss(m: Moments, gram: np.ndarray, kept: np.ndarray, r: np.ndarray, mu: np.ndarray) -> float:
-    """``E||W (x - R x~_K - mu)||^2 / tr(M D)`` on the samples of ``m``."""
-    mx, my, g, c, d = m.stats()
-    mr = gram @ r  # tr(M cov) without forming cov: cov = D - R C_K - C_K^T R^T + R G_KK R^T
-    tr = (
-        float(np.sum(gram * d))
-        - 2.0 * float(np.sum(mr * c[kept].T))
-        + float(np.sum((r.T @ mr) * g[np.ix_(kept, kept)]))
-    )
-    mean = my - r @ mx[kept] - mu
-    return (tr + float(mean @ gram @ mean)) / _energy(gram, d)
+class _HeldOutLoss:
+    """``E||W (x - R x~_K - mu)||^2 / tr(M D)`` on the samples of ``m``, for any ``(R, mu)``
+    over the kept features ``kept`` (the terms that do not depend on them computed once).
+
+    ``tr(M cov)`` without forming ``cov = D - R C_K - C_K^T R^T + R G_KK R^T``; with a
+    narrow ``factor`` (``M = L L^T``, fewer columns than rows) through ``L^T R``."""
+
+    def __init__(self, m: Moments, gram: np.ndarray, kept: np.ndarray, factor=None):
+        self.mx, self.my, g, c, d = m.stats()
+        self.gram, self.kept = gram, kept
+        self.energy = _energy(gram, d)
+        self.g_kk = g[np.ix_(kept, kept)]
+        self.c_k = c[kept]  # (K, F)
+        self.factor = factor if factor is not None and factor.shape[1] < gram.shape[0] else None
+        self.lc = None if self.factor is None else self.factor.T @ self.c_k.T
+
+    def __call__(self, r: np.ndarray, mu: np.ndarray) -> float:
+        mean = self.my - r @ self.mx[self.kept] - mu
+        if self.factor is not None:
+            lr = self.factor.T @ r
+            cross = float(np.sum(lr * self.lc))
+            quad = float(np.sum((lr @ self.g_kk) * lr))
+            lm = self.factor.T @ mean
+            return (self.energy - 2.0 * cross + quad + float(lm @ lm)) / self.energy
+        mr = self.gram @ r
+        cross = float(np.sum(mr * self.c_k.T))
+        quad = float(np.sum((r.T @ mr) * self.g_kk))
+        return (self.energy - 2.0 * cross + quad + float(mean @ self.gram @ mean)) / self.energy
+
+
+def _loss(
+    m: Moments,
+    gram: np.ndarray,
+    kept: np.ndarray,
+    r: np.ndarray,
+    mu: np.ndarray,
+    factor: np.ndarray | None = None,
+) -> float:
+    """``E||W (x - R x~_K - mu)||^2 / tr(M D)`` on the samples of ``m`` (see _HeldOutLoss)."""
+    return _HeldOutLoss(m, gram, kept, factor)(r, mu)
+
+
+def _ridge_fits(m: Moments, kept: np.ndarray, rels: Sequence[float]):
+    """``(rel, R, mu)`` per relative ridge: ``R = (C_K^T + lam I_K) (G_KK + lam I)^-1`` (the
+    kept rows of ``R`` pulled towards the identity), ``mu = mean x - R mean x~_K``; one
+    Cholesky factorization per ridge."""
+    mx, my, g, c, _ = m.stats()
+    g_kk = g[np.ix_(kept, kept)]
+    lam_unit = _ridge(g_kk, 1.0)
+    rows = np.arange(kept.size)
+    for rel in rels:
+        lam = rel * lam_unit
+        rhs = c[kept]  # a copy: (K, F), C_K + lam I_K, R^T solves (G_KK + lam I) R^T = rhs
+        rhs[rows, kept] += lam
+        a = g_kk + lam * np.eye(kept.size)
+        try:
+            r = linalg.cho_solve(linalg.cho_factor(a, check_finite=False), rhs).T
+        except linalg.LinAlgError:  # not positive definite in floating point: least squares
+            r = linalg.lstsq(a, rhs, check_finite=False)[0].T
+        yield rel, r, my - r @ mx[kept]
 
 
 def reconstruct(
@@ -289,29 +366,13 @@ def reconstruct(
     first ridge is used.
     """
     kept = np.asarray(kept, dtype=np.int64)
-    features = data.gram.shape[0]
-    r0 = np.zeros((features, kept.size))
-    r0[kept, np.arange(kept.size)] = 1.0
-
-    def fits(m: Moments, rels: Sequence[float]):
-        mx, my, g, c, _ = m.stats()
-        g_kk = g[np.ix_(kept, kept)]
-        lam_unit = _ridge(g_kk, 1.0)
-        vals, vecs = np.linalg.eigh(g_kk)  # one factorization for every ridge
-        rhs = (c[kept]).T @ vecs  # (F, K) in the eigenbasis
-        r0v = r0 @ vecs
-        for rel in rels:
-            lam = rel * lam_unit
-            r = ((rhs + lam * r0v) / (np.maximum(vals, 0.0) + lam)) @ vecs.T
-            yield rel, r, my - r @ mx[kept]
-
     best_rel, best_loss = ridges[0], float("nan")
     if data.held.n > 0 and data.fit.n > 0 and len(ridges) > 1:
-        scores = [
-            (_loss(data.held, data.gram, kept, r, mu), rel) for rel, r, mu in fits(data.fit, ridges)
-        ]
+        loss = _HeldOutLoss(data.held, data.gram, kept, data.factor)
+        scores = [(loss(r, mu), rel) for rel, r, mu in _ridge_fits(data.fit, kept, ridges)]
         best_loss, best_rel = min(scores)
-    _, r, mu = next(fits(data.all if refit_all or data.fit.n == 0 else data.fit, [best_rel]))
+    m = data.all if refit_all or data.fit.n == 0 else data.fit
+    _, r, mu = next(_ridge_fits(m, kept, [best_rel]))
     return Reconstruction(data.name, r, mu, best_rel, best_loss)
 
 
