@@ -836,9 +836,27 @@ def calibrate_plans(
 
 
 def _decide(engine, stages, data, rows, model, settings, correction, t0, refit_all=True) -> dict:
-    """Every stage's plan, in order (see the module docstring, item 4)."""
+    """Every stage's plan, in order (see the module docstring, item 4).
+
+    A stage that keeps every unit is left as it is, unrefit, where its refit would be the
+    identity: its consumers' target is what they read already (``correction`` 0, or no
+    earlier stage has changed the network)."""
     decided: dict = {}
+    changed = False  # whether a stage so far changed what the network computes
     for i, st in enumerate(stages):
+        if _keeps_all(st, settings) and (correction == 0 or not changed):
+            decided[st.space] = _plan_of(st, range(st.plan.units), [], model, settings)
+            log.info(
+                "%s: [%d/%d] %s keeps all %d units, unchanged (%.1f s)",
+                model,
+                i + 1,
+                len(stages),
+                st.plan.name,
+                st.plan.units,
+                time.perf_counter() - t0,
+            )
+            continue
+        changed = settings.sequential
         datas = collect(
             engine,
             decided if settings.sequential else {},
@@ -866,6 +884,11 @@ def _decide(engine, stages, data, rows, model, settings, correction, t0, refit_a
     if settings.sequential and settings.reconstruct:
         _refine(engine, stages, decided, data, rows, model, settings, correction, refit_all)
     return decided
+
+
+def _keeps_all(st: Stage, settings: CalibrationSettings) -> bool:
+    kept = st.keep if settings.selection == "activations" else len(st.plan.kept)
+    return kept >= st.plan.units
 
 
 def _choose_correction(engine, stages, data, rows, model, settings, t0) -> dict:
@@ -909,8 +932,15 @@ def _choose_correction(engine, stages, data, rows, model, settings, t0) -> dict:
 def _refine(engine, stages, decided, data, rows, model, settings, correction, refit_all) -> None:
     """Refit every consumer once more, in the order the consumers run, on the activations of
     the network with every group pruned (and the consumers before it refit again)."""
+    identity = correction == 0  # a group that keeps every unit refits to the identity
     reads = sorted(
-        ((r, st) for st in stages for k, r in enumerate(st.reads) if k in st.stale),
+        (
+            (r, st)
+            for st in stages
+            if not (identity and _keeps_all(st, settings))
+            for k, r in enumerate(st.reads)
+            if k in st.stale
+        ),
         key=lambda rs: rs[0].order,
     )
     waves: list[list[tuple[Read, Stage]]] = []

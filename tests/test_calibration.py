@@ -420,3 +420,35 @@ def test_a_sensitivity_curve_holds_the_measured_network_error_at_its_trial_fract
     assert all(np.isfinite(e) and e >= 0 for _, e in curve)
     errs = [e for _, e in curve]
     assert errs == sorted(errs)  # nested kept sets: removing more never costs less
+
+
+def test_a_group_keeping_every_unit_is_left_unrefit_only_where_its_refit_is_the_identity():
+    func, analysis, reads, data, engine = _resnet_engine(4)
+    first, second = analysis.prunable()[:2]
+    names = producer_names(func, None)
+    settings = calibrated.CalibrationSettings("activations", True, "uniform")
+    rows = calibrated._Rows(per_sample=10**6)
+
+    def stages():
+        return [
+            calibrated.Stage(
+                sp.id,
+                plan_of_half(sp, names),
+                [r for r in reads if analysis.root[r.seg.space] == sp.id],
+                keep,
+                0,
+            )
+            for sp, keep in ((first, first.units // 2), (second, second.units))
+        ]
+
+    for c in (0.0, 1.0):  # own output: nothing to refit; dense target: the drift is corrected
+        decided = calibrated._decide(engine, stages(), data, rows, "m", settings, c, 0.0)
+        assert decided[second.id].kept == list(range(second.units))
+        assert len(decided[second.id].refits) == (0 if c == 0 else len(stages()[1].reads))
+        assert decided[first.id].refits and len(decided[first.id].kept) == first.units // 2
+    # the refit the first case leaves out is the identity
+    upstream = {first.id: decided[first.id]}
+    for d in calibrated.collect(engine, upstream, stages()[1].reads, data, rows, 0.0):
+        fit = reconstruction.reconstruct(d, np.arange(second.size))
+        np.testing.assert_allclose(fit.r, np.eye(second.size), atol=1e-6)
+        np.testing.assert_allclose(fit.mu, 0, atol=1e-5)
