@@ -48,7 +48,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check --quiet tvm_qmfrg passes targets tests benchmarks tutorials
 
 test: lint $(CROSS)
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q -n auto --maxprocesses 4
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_spectral.py

@@ -641,6 +641,7 @@ def collect(
     if decided and correction:  # a residual stream only drifts in the network pruned upstream
         wanted += [v for v in {r.residual: None for r in reads if r.residual is not None}]
     slot = {v: i for i, v in enumerate(wanted)}
+    paired = bool(decided) and correction != 0  # else the target is the current features
     # reads of the same features with the same target (Q, K and V of one input) share moments
     first: dict[tuple, rec.ConsumerData] = {}
     out, own = [], []
@@ -651,7 +652,7 @@ def collect(
         fit, held = (
             (shared.fit, shared.held)
             if shared is not None
-            else (rec.Moments.empty(seg.features), rec.Moments.empty(seg.features))
+            else (rec.Moments.empty(seg.features, paired), rec.Moments.empty(seg.features, paired))
         )
         # the name is the binding the refit folds into (rewrite matches it)
         out.append(rec.ConsumerData(r.consumer.name, r.gram, fit, held, r.factor))
@@ -985,7 +986,7 @@ def _measure_curves(engine, stages, data, rows, model, settings) -> None:
     budget, chunk = MOMENT_BYTES, []
     chunks = []
     for st in stages:
-        size = sum(8 * 6 * r.seg.features**2 for r in st.reads)
+        size = sum(8 * 2 * r.seg.features**2 for r in st.reads)  # unpaired: fit, held
         if chunk and budget - size < 0:
             chunks.append(chunk)
             chunk, budget = [], MOMENT_BYTES

@@ -259,3 +259,32 @@ def test_selection_and_refit_through_a_narrow_weight_factor_equal_those_through_
     assert fit_f.ridge == fit_g.ridge
     assert fit_f.held_out_loss == pytest.approx(fit_g.held_out_loss, rel=1e-7, abs=1e-10)
     np.testing.assert_allclose(fit_f.r, fit_g.r, rtol=1e-9, atol=1e-12)
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 10_000), cuts=st.lists(st.integers(1, 3000), min_size=1, max_size=4))
+def test_unpaired_moments_equal_paired_ones_whose_target_is_the_rows_themselves(seed, cuts):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((sum(cuts), 5)) + 2.0
+    paired, unpaired, other = (
+        rec.Moments.empty(5),
+        rec.Moments.empty(5, False),
+        rec.Moments.empty(5, False),
+    )
+    for lo, hi in zip(np.cumsum([0, *cuts])[:-1], np.cumsum(cuts)):
+        rows = x[lo:hi]
+        paired.add(rows, rows)
+        unpaired.add(rows, rows)
+    head = x[:3]
+    other.add(head, head)
+    assert paired.paired and not unpaired.paired
+    for got, want in zip(unpaired.stats(), paired.stats()):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    both = unpaired + other
+    assert not both.paired and both.n == x.shape[0] + head.shape[0]
+    np.testing.assert_allclose(
+        both.stats()[2], np.cov(np.vstack([x, head]).T, bias=True), atol=1e-10
+    )
+    with pytest.raises(ValueError, match="unpaired"):
+        other.add(x[:2], x[:2] + 1.0)
+        other.flush()

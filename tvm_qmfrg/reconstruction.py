@@ -46,7 +46,10 @@ BLOCK_ROWS = 2048  # rows gathered before their products are formed (one GEMM pe
 @dataclass
 class Moments:
     """Running sums of paired samples ``(x~, x)``: current and dense features, rows = samples
-    (``n`` of them, the gathered ``pending`` rows included)."""
+    (``n`` of them, the gathered ``pending`` rows included).
+
+    Unpaired moments (``paired=False``: the target is the current features themselves,
+    ``x = x~``) hold one sum and one Gram for all three, a third of the memory."""
 
     n: float
     sx: np.ndarray
@@ -58,10 +61,16 @@ class Moments:
     _stats: tuple | None = field(default=None, repr=False, compare=False)  # until rows come
 
     @classmethod
-    def empty(cls, features: int) -> Moments:
+    def empty(cls, features: int, paired: bool = True) -> Moments:
         z = np.zeros(features)
         zz = np.zeros((features, features))
+        if not paired:
+            return cls(0.0, z, z, zz, zz, zz)
         return cls(0.0, z, z.copy(), zz, zz.copy(), zz.copy())
+
+    @property
+    def paired(self) -> bool:
+        return self.sxy is not self.sxx
 
     def add(self, current: np.ndarray, dense: np.ndarray) -> None:
         """Add rows (``current`` and ``dense`` are ``(rows, F)``, the same samples).
@@ -81,20 +90,27 @@ class Moments:
         if not self.pending:
             return
         same = all(c is d for c, d in self.pending)
+        if not (same or self.paired):
+            raise ValueError("unpaired moments take rows whose target is the rows themselves")
         dtype = np.result_type(*[a for pair in self.pending for a in pair], np.float32)
         xc = np.concatenate([np.asarray(c, dtype) for c, _ in self.pending])
         xd = xc if same else np.concatenate([np.asarray(d, dtype) for _, d in self.pending])
         self.pending.clear()
-        self.sx += xc.sum(axis=0, dtype=np.float64)
-        self.sy += xd.sum(axis=0, dtype=np.float64)
         xx = xc.T @ xc
+        self.sx += xc.sum(axis=0, dtype=np.float64)
         self.sxx += xx
+        if not self.paired:
+            return
+        self.sy += xd.sum(axis=0, dtype=np.float64)
         self.sxy += xx if same else xc.T @ xd
         self.syy += xx if same else xd.T @ xd
 
     def __add__(self, other: Moments) -> Moments:
         self.flush()
         other.flush()
+        if not (self.paired or other.paired):
+            sx, sxx = self.sx + other.sx, self.sxx + other.sxx
+            return Moments(self.n + other.n, sx, sx, sxx, sxx, sxx)
         return Moments(
             self.n + other.n,
             self.sx + other.sx,
@@ -112,6 +128,9 @@ class Moments:
             n = max(self.n, 1.0)
             mx, my = self.sx / n, self.sy / n
             g = self.sxx / n - np.outer(mx, mx)
+            if not self.paired:
+                self._stats = (mx, my, g, g, g)
+                return self._stats
             c = self.sxy / n - np.outer(mx, my)
             d = self.syy / n - np.outer(my, my)
             self._stats = (mx, my, g, c, d)
