@@ -846,40 +846,32 @@ def _decide(engine, stages, data, rows, model, settings, correction, t0, refit_a
     changed = False  # whether a stage so far changed what the network computes
     for i, st in enumerate(stages):
         if _keeps_all(st, settings) and (correction == 0 or not changed):
-            decided[st.space] = _plan_of(st, range(st.plan.units), [], model, settings)
-            log.info(
-                "%s: [%d/%d] %s keeps all %d units, unchanged (%.1f s)",
-                model,
-                i + 1,
-                len(stages),
-                st.plan.name,
-                st.plan.units,
-                time.perf_counter() - t0,
-            )
-            continue
-        changed = settings.sequential
-        datas = collect(
-            engine,
-            decided if settings.sequential else {},
-            st.reads,
-            data,
-            rows,
-            correction,
-            incremental=settings.sequential,
-        )
-        if settings.selection == "activations":
-            kept, _ = rec.select_units(datas, st.plan.unit, st.keep)
+            kept, datas, note = range(st.plan.units), [], ", unchanged"
         else:
-            kept = list(st.plan.kept)
+            changed, note = settings.sequential, ""
+            datas = collect(
+                engine,
+                decided if settings.sequential else {},
+                st.reads,
+                data,
+                rows,
+                correction,
+                incremental=settings.sequential,
+            )
+            if settings.selection == "activations":
+                kept, _ = rec.select_units(datas, st.plan.unit, st.keep)
+            else:
+                kept = list(st.plan.kept)
         decided[st.space] = _plan_of(st, kept, datas, model, settings, True, refit_all)
         log.info(
-            "%s: [%d/%d] %s keeps %d of %d units (%.1f s)",
+            "%s: [%d/%d] %s keeps %d of %d units%s (%.1f s)",
             model,
             i + 1,
             len(stages),
             st.plan.name,
             len(kept),
             st.plan.units,
+            note,
             time.perf_counter() - t0,
         )
     if settings.sequential and settings.reconstruct:
