@@ -493,7 +493,21 @@ def _cut_after(model, start: set, original) -> list[str] | None:
     outputs = [o for o in g.output if o.name in made]
     del g.output[:]
     g.output.extend(outputs)
+    _drop_unused(g)
     return cross
+
+
+def _drop_unused(g, keep: Sequence[str] = ()) -> None:
+    """Drop the initializers and inputs that no node of ``g`` reads, no output is and
+    ``keep`` does not name (a cut graph would otherwise serialize, and onnxruntime load,
+    every weight of the whole model)."""
+    used = {i for n in g.node for i in n.input} | {o.name for o in g.output} | set(keep)
+    inits = [t for t in g.initializer if t.name in used]
+    del g.initializer[:]
+    g.initializer.extend(inits)
+    inputs = [i for i in g.input if i.name in used]
+    del g.input[:]
+    g.input.extend(inputs)
 
 
 def _keep_only(model, tensors: Sequence[str]) -> None:
@@ -512,13 +526,7 @@ def _keep_only(model, tensors: Sequence[str]) -> None:
     del g.node[:]
     g.node.extend(nodes)
     del g.output[:]
-    used = {i for n in nodes for i in n.input}
-    inits = [t for t in g.initializer if t.name in used]
-    del g.initializer[:]
-    g.initializer.extend(inits)
-    inputs = [i for i in g.input if i.name in used or i.name in tensors]
-    del g.input[:]
-    g.input.extend(inputs)
+    _drop_unused(g, tensors)
 
 
 def onnx_tensor(var_name: str, model) -> str:
@@ -648,18 +656,23 @@ def collect(
     for r in reads:
         lay, seg = r.site.layout, r.seg
         key = (r.data, lay.axis, lay.size, seg.start, seg.stop, seg.ppf, r.residual)
-        shared = first.get(key) if r.residual is None else None
-        fit, held = (
-            (shared.fit, shared.held)
-            if shared is not None
-            else (rec.Moments.empty(seg.features, paired), rec.Moments.empty(seg.features, paired))
-        )
+        # a consumer much narrower than what it reads takes its target through its weights
+        # (ConsumerData.projected): those moments are its own
+        proj = paired and r.factor is not None and 2 * r.factor.shape[1] <= seg.features
+        shared = first.get(key) if r.residual is None and not proj else None
+        if shared is not None:
+            fit, held = shared.fit, shared.held
+        else:
+            width = r.factor.shape[1] if proj else None
+            fit, held = (rec.Moments.empty(seg.features, paired, width) for _ in range(2))
         # the name is the binding the refit folds into (rewrite matches it)
-        out.append(rec.ConsumerData(r.consumer.name, r.gram, fit, held, r.factor))
-        first.setdefault(key, out[-1])
+        out.append(rec.ConsumerData(r.consumer.name, r.gram, fit, held, r.factor, proj))
+        if not proj:
+            first.setdefault(key, out[-1])
         if shared is None:
             own.append((r, out[-1]))
     pairs = _value_pairs(engine, decided, wanted, data, correction != 0, incremental)
+    maps: dict[int, tuple] = {}  # id(read) -> _target_maps
     for b, dense, current in pairs:
         held = (b.ids % HELD_OUT_EVERY) == HELD_OUT_EVERY - 1
         for r, cd in own:
@@ -671,20 +684,41 @@ def collect(
                 sub = Batch(np.where(part, b.ids, -1), b.inputs)
                 idx = _row_filter(r, a_c, sub, rows)
                 f_c = features(a_c, r)[idx]
-                if a_d is a_c or correction == 0:
+                if not moments.paired:
                     moments.add(f_c, f_c)
                     continue
-                f_d = features(a_d, r)[idx]
-                target = f_d if correction == 1 else f_c + correction * (f_d - f_c)
-                if r.residual is not None:
-                    drift = dense[slot[r.residual]] - current[slot[r.residual]]
-                    drift = np.moveaxis(drift, r.out_axis, -1).reshape(-1, r.lift.shape[0])
-                    target = target + correction * (drift[idx] @ r.lift)
-                moments.add(f_c, target.astype(f_d.dtype))
+                target, drift = f_c, None
+                if a_d is not a_c and correction != 0:
+                    f_d = features(a_d, r)[idx]
+                    target = f_d if correction == 1 else f_c + correction * (f_d - f_c)
+                    if r.residual is not None:
+                        drift = dense[slot[r.residual]] - current[slot[r.residual]]
+                        drift = np.moveaxis(drift, r.out_axis, -1).reshape(-1, r.lift.shape[0])
+                        drift = correction * drift[idx]
+                if id(r) not in maps:
+                    maps[id(r)] = _target_maps(r, cd.projected, f_c.dtype)
+                proj, lift = maps[id(r)]
+                if proj is not None:
+                    target = target.astype(f_c.dtype, copy=False) @ proj
+                if drift is not None:
+                    target = target + drift @ lift
+                moments.add(f_c, target.astype(f_c.dtype, copy=False))
     for _, cd in own:
         cd.fit.flush()
         cd.held.flush()
     return out
+
+
+def _target_maps(read: Read, projected: bool, dtype) -> tuple[np.ndarray | None, ...]:
+    """``(L, lift)`` of a read: the projection of its target (in ``dtype``, the rows'
+    precision) and the map of a residual drift row to the target; ``None`` where there is
+    none. Projected, the drift map is ``lift L = diag(1/s) (W^T)^+ W^T`` (``diag(1/s)`` for
+    a ``W`` of full rank: well conditioned, so also in ``dtype``); else ``lift`` itself, in
+    float64 (``(W^T)^+`` of an ill-conditioned ``W`` is large)."""
+    if not projected:
+        return None, read.lift
+    lift = None if read.lift is None else (read.lift @ read.factor).astype(dtype)
+    return read.factor.astype(dtype), lift
 
 
 def _output_error(got: np.ndarray, want: np.ndarray) -> float:

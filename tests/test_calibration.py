@@ -320,12 +320,16 @@ def test_the_refit_target_moves_from_the_own_output_to_the_dense_one_with_the_co
     later = [r for r in reads if analysis.root[r.seg.space] != first.id][-1:]
     rows = calibrated._Rows(per_sample=10**6)
     own, half, full = (
-        calibrated.collect(engine, decided, later, data, rows, c)[0].all for c in (0.0, 0.5, 1.0)
+        calibrated.collect(engine, decided, later, data, rows, c)[0] for c in (0.0, 0.5, 1.0)
     )
     dense = calibrated.collect(engine, {}, later, data, rows)[0].all
+    # the classifier reads 64 features into 10 outputs: its targets are taken through W^T
+    assert full.projected and half.projected and not own.projected
+    w_t = full.factor
+    own, half, full = own.all, half.all, full.all
     np.testing.assert_allclose(own.sy, own.sx)  # the target is the current input itself
-    np.testing.assert_allclose(full.sy, dense.sy, rtol=1e-5)  # ... or the dense features
-    np.testing.assert_allclose(half.sy, 0.5 * (own.sy + full.sy), rtol=1e-5)
+    np.testing.assert_allclose(full.sy, dense.sy @ w_t, rtol=1e-5)  # ... or the dense one
+    np.testing.assert_allclose(half.sy, 0.5 * (own.sy @ w_t + full.sy), rtol=1e-5)
     assert not np.allclose(own.sx, dense.sx)  # upstream pruning did move the input
 
 

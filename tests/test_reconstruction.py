@@ -151,7 +151,7 @@ def test_the_ridge_is_the_candidate_with_the_least_held_out_loss():
         one = rec.reconstruct(
             rec.ConsumerData("c", data.gram, data.fit, rec.Moments.empty(12)), kept, (rel,)
         )
-        scores.append(rec._loss(data.held, data.gram, kept, one.r, one.mu))
+        scores.append(rec._loss(data.held, data, kept, one.r, one.mu))
     assert fit.ridge == rec.RIDGES[int(np.argmin(scores))]
     assert fit.held_out_loss == pytest.approx(min(scores))
 
@@ -259,6 +259,56 @@ def test_selection_and_refit_through_a_narrow_weight_factor_equal_those_through_
     assert fit_f.ridge == fit_g.ridge
     assert fit_f.held_out_loss == pytest.approx(fit_g.held_out_loss, rel=1e-7, abs=1e-10)
     np.testing.assert_allclose(fit_f.r, fit_g.r, rtol=1e-9, atol=1e-12)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    features=st.integers(6, 12),
+    unit=st.sampled_from([1, 2]),
+    rank_deficient=st.booleans(),
+)
+def test_moments_projected_through_a_narrow_consumer_select_and_fold_as_full_ones(
+    seed, features, unit, rank_deficient
+):
+    rng = np.random.default_rng(seed)
+    features -= features % unit
+    dense = correlated(rng, 400, features)
+    current = dense + 0.3 * rng.standard_normal(dense.shape)
+    w = rng.standard_normal((int(rng.integers(1, features // 2 + 1)), features))
+    if rank_deficient and w.shape[0] > 1:
+        w[-1] = 2.0 * w[0]  # two outputs the same up to scale: W^T is not of full rank
+    full = consumer(current, dense, w, held_every=4)
+    full = rec.ConsumerData(full.name, full.gram, full.fit, full.held, w.T)
+    held = np.arange(dense.shape[0]) % 4 == 3
+    fit_m, held_m = (rec.Moments.empty(features, True, w.shape[0]) for _ in range(2))
+    fit_m.add(current[~held], dense[~held] @ w.T)
+    held_m.add(current[held], dense[held] @ w.T)
+    projected = rec.ConsumerData("c", full.gram, fit_m, held_m, w.T, projected=True)
+    units = features // unit
+    keeps = [units - 1, max(1, units // 2)]
+    kept_p, curve_p = rec.select_path([projected], unit, keeps)
+    kept_f, curve_f = rec.select_path([full], unit, keeps)
+    assert kept_p == kept_f
+    np.testing.assert_allclose(
+        [v for _, v in curve_p], [v for _, v in curve_f], rtol=1e-7, atol=1e-9
+    )
+    feats = np.array([f for k in kept_f[1] for f in range(k * unit, (k + 1) * unit)])
+    got, want = rec.reconstruct(projected, feats), rec.reconstruct(full, feats)
+    assert got.ridge == want.ridge
+    assert got.held_out_loss == pytest.approx(want.held_out_loss, rel=1e-7, abs=1e-10)
+    assert got.r.shape == want.r.shape and got.mu.shape == want.mu.shape
+    # what the consumer computes after the fold: W R and W mu
+    scale = np.abs(w @ want.r).max() + 1.0
+    np.testing.assert_allclose(w @ got.r, w @ want.r, rtol=0, atol=1e-8 * scale)
+    np.testing.assert_allclose(w @ got.mu, w @ want.mu, rtol=0, atol=1e-8 * scale)
+
+
+def test_projected_moments_without_their_factor_are_refused():
+    with pytest.raises(ValueError, match="factor"):
+        rec.ConsumerData(
+            "c", np.eye(4), rec.Moments.empty(4, True, 2), rec.Moments.empty(4), None, True
+        )
 
 
 @settings(max_examples=20, deadline=None)

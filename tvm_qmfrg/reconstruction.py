@@ -49,7 +49,9 @@ class Moments:
     (``n`` of them, the gathered ``pending`` rows included).
 
     Unpaired moments (``paired=False``: the target is the current features themselves,
-    ``x = x~``) hold one sum and one Gram for all three, a third of the memory."""
+    ``x = x~``) hold one sum and one Gram for all three, a third of the memory. The target
+    may have another width than the features (``targets``: a projected target, see
+    :class:`ConsumerData`)."""
 
     n: float
     sx: np.ndarray
@@ -61,12 +63,13 @@ class Moments:
     _stats: tuple | None = field(default=None, repr=False, compare=False)  # until rows come
 
     @classmethod
-    def empty(cls, features: int, paired: bool = True) -> Moments:
+    def empty(cls, features: int, paired: bool = True, targets: int | None = None) -> Moments:
         z = np.zeros(features)
         zz = np.zeros((features, features))
         if not paired:
             return cls(0.0, z, z, zz, zz, zz)
-        return cls(0.0, z, z.copy(), zz, zz.copy(), zz.copy())
+        t = features if targets is None else targets
+        return cls(0.0, z, np.zeros(t), zz, np.zeros((features, t)), np.zeros((t, t)))
 
     @property
     def paired(self) -> bool:
@@ -127,14 +130,19 @@ class Moments:
         if self._stats is None:
             n = max(self.n, 1.0)
             mx, my = self.sx / n, self.sy / n
-            g = self.sxx / n - np.outer(mx, mx)
+            g = _centred(self.sxx, n, mx, mx)
             if not self.paired:
                 self._stats = (mx, my, g, g, g)
                 return self._stats
-            c = self.sxy / n - np.outer(mx, my)
-            d = self.syy / n - np.outer(my, my)
-            self._stats = (mx, my, g, c, d)
+            self._stats = (mx, my, g, _centred(self.sxy, n, mx, my), _centred(self.syy, n, my, my))
         return self._stats
+
+
+def _centred(s: np.ndarray, n: float, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``s / n - a b^T``, formed in one new array (a rank-one BLAS update in place)."""
+    out = s / n
+    blas.dger(-1.0, b, a, a=out.T, overwrite_a=1)  # out^T is F-ordered: updated in place
+    return out
 
 
 @dataclass
@@ -145,6 +153,14 @@ class ConsumerData:
     refit's ridge); ``gram`` is ``M = sum_taps W_tap^T W_tap`` over the group's features.
     ``factor`` (optional, ``F x r``) is ``W^T`` itself, ``M = factor factor^T``: with
     ``r < F`` the selection and the loss work through it (``r`` instead of ``F`` columns).
+
+    ``projected``: the moments' target is ``L^T x`` (``L`` = ``factor``), what the consumer
+    computes from the target, rather than ``x``. Every quantity the selection and the refit
+    read is one of ``C L``, ``L^T D L`` and ``L^T mean x``, so ``r``-wide target moments
+    give the same results (and cost ``r / F`` of the cross moments, none of the ``F x F``
+    target Gram); the refit is fitted as ``B = L^T R`` and lifted back to
+    ``R = (L^T)^+ B``, which folds into ``W R = B`` alike (:func:`reconstruct`). Such moments
+    belong to this consumer alone.
     """
 
     name: str
@@ -152,7 +168,16 @@ class ConsumerData:
     fit: Moments
     held: Moments
     factor: np.ndarray | None = None
+    projected: bool = False
     _all: tuple | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self):
+        if self.projected and (self.factor is None or self.fit.sy.size != self.factor.shape[1]):
+            raise ValueError(f"{self.name}: projected moments need the factor they were taken by")
+
+    def energy(self, d: np.ndarray) -> float:
+        """``tr(M D)``, the consumer's dense output energy (``d``: the target covariance)."""
+        return max(float(np.trace(d)), 1e-30) if self.projected else _energy(self.gram, d)
 
     @property
     def all(self) -> Moments:
@@ -179,7 +204,15 @@ class Reconstruction:
 
 
 def _energy(gram: np.ndarray, d: np.ndarray) -> float:
-    return max(float(np.sum(gram * d)), 1e-30)
+    """``tr(M D)`` of symmetric ``M`` and ``D``: ``sum(M o D)``."""
+    return max(float(np.vdot(gram, d)), 1e-30)
+
+
+def _plus_diagonal(a: np.ndarray, lam: float) -> np.ndarray:
+    """``a + lam I`` (a new array)."""
+    out = np.array(a)
+    out.flat[:: out.shape[0] + 1] += lam
+    return out
 
 
 def _ridge(g: np.ndarray, rel: float) -> float:
@@ -211,24 +244,32 @@ class _State:
     the removal cost ``tr(H_UU^-1 Q_UU)`` and the downdate of ``Q`` are linear in ``Q``, so
     one state with ``M = sum_c M_c / tr(M_c D)`` holds all of them. Removing ``U`` downdates
     ``H <- H - H_:U H_UU^-1 H_U:`` and ``P <- P - H_:U H_UU^-1 P_U`` (then ``P P^T`` is the
-    downdated ``Q``). Both stay full-size and are updated in place: the rows and columns of
-    removed features become zero and are never read again.
+    downdated ``Q``). Both are updated in place; the rows and columns of removed features
+    become zero and are never read again, and once a quarter of the rows held are such,
+    both are compacted to the live ones (each downdate streams all of ``H``: on a long path
+    most steps then touch a fraction of it).
     """
+
+    COMPACT = 0.75  # compact when fewer than this share of the rows held are live
 
     def __init__(self, datas: Sequence[ConsumerData], ridge: float):
         _, _, g, c, d = datas[0].all.stats()
-        weights = [1.0 / _energy(x.gram, d) for x in datas]
+        weights = [1.0 / x.energy(d) for x in datas]
         # F-ordered, so BLAS updates them in place (H is symmetric: H^T is H)
-        self.h = np.asfortranarray(np.linalg.inv(g + _ridge(g, ridge) * np.eye(g.shape[0])))
-        cl = c @ _factor(datas, weights)
+        self.h = np.asfortranarray(np.linalg.inv(_plus_diagonal(g, _ridge(g, ridge))))
+        if datas[0].projected:  # C L itself (projected moments are one consumer's own)
+            cl = np.sqrt(weights[0]) * c
+        else:
+            cl = c @ _factor(datas, weights)
         self.p = np.asfortranarray(self.h @ cl)
         # tr(H C M C^T) = tr(L^T C^T H C L) = sum((C L) o P)
         self.base = float(len(datas)) - float(np.sum(cl * self.p))
+        self.at = np.arange(g.shape[0])  # row of each feature in h and p; -1: removed
 
     def costs(self, alive: np.ndarray, unit: int) -> np.ndarray:
         """``tr(H_uu^-1 Q_uu)`` of every alive unit (position ``alive[i]`` in the full
         features)."""
-        feats = _features(alive, unit)
+        feats = self.at[_features(alive, unit)]
         if unit == 1:
             q = np.einsum("ij,ij->i", self.p, self.p)[feats]
             return q / np.maximum(self.h[feats, feats], 1e-300)
@@ -238,8 +279,9 @@ class _State:
         hb = self.h[fu[:, :, None], fu[:, None, :]]  # the diagonal blocks H_uu
         return np.trace(np.linalg.solve(hb, qb), axis1=1, axis2=2)
 
-    def remove(self, idx: np.ndarray) -> float:
-        """Drop the features ``idx``; return the weighted loss increase."""
+    def remove(self, features: np.ndarray) -> float:
+        """Drop the features ``features``; return the weighted loss increase."""
+        idx = self.at[features]
         h_u = np.ascontiguousarray(self.h[:, idx].T)  # H_U: (|U|, F); H is symmetric
         p_u = self.p[idx]
         h_uu = h_u[:, idx]
@@ -247,6 +289,13 @@ class _State:
         a_t = np.linalg.solve(h_uu, h_u)  # (H_:U H_UU^-1)^T
         self.h = blas.dgemm(-1.0, a_t, h_u, 1.0, self.h, trans_a=1, overwrite_c=1)
         self.p = blas.dgemm(-1.0, a_t, p_u, 1.0, self.p, trans_a=1, overwrite_c=1)
+        self.at[features] = -1
+        live = np.flatnonzero(self.at >= 0)
+        if live.size < self.COMPACT * self.h.shape[0]:
+            rows = self.at[live]
+            self.h = np.asfortranarray(self.h[np.ix_(rows, rows)])
+            self.p = np.asfortranarray(self.p[rows])
+            self.at[live] = np.arange(live.size)
         return max(rise, 0.0)
 
 
@@ -308,28 +357,35 @@ def select_path(
 
 
 class _HeldOutLoss:
-    """``E||W (x - R x~_K - mu)||^2 / tr(M D)`` on the samples of ``m``, for any ``(R, mu)``
-    over the kept features ``kept`` (the terms that do not depend on them computed once).
+    """``E||W (x - R x~_K - mu)||^2 / tr(M D)`` on the samples of ``m`` (moments of
+    ``data``), for any ``(R, mu)`` over the kept features ``kept`` (the terms that do not
+    depend on them computed once).
 
     ``tr(M cov)`` without forming ``cov = D - R C_K - C_K^T R^T + R G_KK R^T``; with a
-    narrow ``factor`` (``M = L L^T``, fewer columns than rows) through ``L^T R``."""
+    narrow factor (``M = L L^T``, fewer columns than rows) through ``L^T R``; with
+    projected moments ``(R, mu)`` are given as ``(L^T R, L^T mu)``."""
 
-    def __init__(self, m: Moments, gram: np.ndarray, kept: np.ndarray, factor=None):
+    def __init__(self, m: Moments, data: ConsumerData, kept: np.ndarray):
         self.mx, self.my, g, c, d = m.stats()
-        self.gram, self.kept = gram, kept
-        self.energy = _energy(gram, d)
+        self.gram, self.kept, self.projected = data.gram, kept, data.projected
+        self.energy = data.energy(d)
         self.g_kk = g[np.ix_(kept, kept)]
-        self.c_k = c[kept]  # (K, F)
-        self.factor = factor if factor is not None and factor.shape[1] < gram.shape[0] else None
-        self.lc = None if self.factor is None else self.factor.T @ self.c_k.T
+        self.c_k = c[kept]  # (K, F), projected: (K, r)
+        factor = data.factor
+        narrow = factor is not None and factor.shape[1] < data.gram.shape[0]
+        self.factor = factor if narrow and not self.projected else None
+        if self.projected:
+            self.lc = self.c_k.T
+        else:
+            self.lc = None if self.factor is None else self.factor.T @ self.c_k.T
 
     def __call__(self, r: np.ndarray, mu: np.ndarray) -> float:
         mean = self.my - r @ self.mx[self.kept] - mu
-        if self.factor is not None:
-            lr = self.factor.T @ r
+        if self.lc is not None:
+            lr = r if self.projected else self.factor.T @ r
             cross = float(np.sum(lr * self.lc))
             quad = float(np.sum((lr @ self.g_kk) * lr))
-            lm = self.factor.T @ mean
+            lm = mean if self.projected else self.factor.T @ mean
             return (self.energy - 2.0 * cross + quad + float(lm @ lm)) / self.energy
         mr = self.gram @ r
         cross = float(np.sum(mr * self.c_k.T))
@@ -337,22 +393,16 @@ class _HeldOutLoss:
         return (self.energy - 2.0 * cross + quad + float(mean @ self.gram @ mean)) / self.energy
 
 
-def _loss(
-    m: Moments,
-    gram: np.ndarray,
-    kept: np.ndarray,
-    r: np.ndarray,
-    mu: np.ndarray,
-    factor: np.ndarray | None = None,
-) -> float:
+def _loss(m: Moments, data: ConsumerData, kept: np.ndarray, r: np.ndarray, mu: np.ndarray):
     """``E||W (x - R x~_K - mu)||^2 / tr(M D)`` on the samples of ``m`` (see _HeldOutLoss)."""
-    return _HeldOutLoss(m, gram, kept, factor)(r, mu)
+    return _HeldOutLoss(m, data, kept)(r, mu)
 
 
-def _ridge_fits(m: Moments, kept: np.ndarray, rels: Sequence[float]):
+def _ridge_fits(m: Moments, kept: np.ndarray, rels: Sequence[float], factor=None):
     """``(rel, R, mu)`` per relative ridge: ``R = (C_K^T + lam I_K) (G_KK + lam I)^-1`` (the
     kept rows of ``R`` pulled towards the identity), ``mu = mean x - R mean x~_K``; one
-    Cholesky factorization per ridge."""
+    Cholesky factorization per ridge. With projected moments (``factor`` ``L`` given) the
+    same for ``(L^T R, L^T mu)``: ``C_K L + lam L_K`` on the right."""
     mx, my, g, c, _ = m.stats()
     g_kk = g[np.ix_(kept, kept)]
     lam_unit = _ridge(g_kk, 1.0)
@@ -360,8 +410,11 @@ def _ridge_fits(m: Moments, kept: np.ndarray, rels: Sequence[float]):
     for rel in rels:
         lam = rel * lam_unit
         rhs = c[kept]  # a copy: (K, F), C_K + lam I_K, R^T solves (G_KK + lam I) R^T = rhs
-        rhs[rows, kept] += lam
-        a = g_kk + lam * np.eye(kept.size)
+        if factor is None:
+            rhs[rows, kept] += lam
+        else:
+            rhs += lam * factor[kept]
+        a = _plus_diagonal(g_kk, lam)
         try:
             r = linalg.cho_solve(linalg.cho_factor(a, check_finite=False), rhs).T
         except linalg.LinAlgError:  # not positive definite in floating point: least squares
@@ -386,13 +439,32 @@ def reconstruct(
     """
     kept = np.asarray(kept, dtype=np.int64)
     best_rel, best_loss = ridges[0], float("nan")
+    proj = data.factor if data.projected else None
     if data.held.n > 0 and data.fit.n > 0 and len(ridges) > 1:
-        loss = _HeldOutLoss(data.held, data.gram, kept, data.factor)
-        scores = [(loss(r, mu), rel) for rel, r, mu in _ridge_fits(data.fit, kept, ridges)]
-        best_loss, best_rel = min(scores)
+        loss = _HeldOutLoss(data.held, data, kept)
+        fits = _ridge_fits(data.fit, kept, ridges, proj)
+        best_loss, best_rel = min((loss(r, mu), rel) for rel, r, mu in fits)
     m = data.all if refit_all or data.fit.n == 0 else data.fit
-    _, r, mu = next(_ridge_fits(m, kept, [best_rel]))
+    _, r, mu = next(_ridge_fits(m, kept, [best_rel], proj))
+    if proj is not None:
+        r, mu = _lift(proj, r, mu)
     return Reconstruction(data.name, r, mu, best_rel, best_loss)
+
+
+def _lift(factor: np.ndarray, b: np.ndarray, nu: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(R, mu) = (L^T)^+ (B, nu)``: a refit fitted through the factor ``L``, lifted back to
+    the features. ``L^T (L^T)^+`` projects onto the range of ``L^T``, which holds ``B`` and
+    ``nu`` (they are ``L^T`` times something), so ``L^T R = B`` and ``L^T mu = nu``."""
+    both = np.column_stack([b, nu])
+    lt = factor.T
+    try:  # L^T of full row rank (the common case): (L^T)^+ = L (L^T L)^-1
+        out = factor @ linalg.cho_solve(linalg.cho_factor(lt @ factor, check_finite=False), both)
+        ok = np.linalg.norm(lt @ out - both) <= 1e-8 * max(np.linalg.norm(both), 1e-300)
+    except linalg.LinAlgError:
+        ok = False
+    if not ok:  # rank-deficient or ill-conditioned: the pseudo-inverse itself
+        out = np.linalg.pinv(lt) @ both
+    return out[:, :-1], out[:, -1]
 
 
 def allocate(
