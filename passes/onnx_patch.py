@@ -85,7 +85,7 @@ def _collect_changes(dense: relax.Function, pruned: relax.Function, model: str) 
             continue
         if old is None:
             continue
-        if not isinstance(old, relax.Call):
+        if not isinstance(old, relax.Call) or new.same_as(old):  # untouched by the rewrite
             continue
         base_new = new
         if (
@@ -106,6 +106,8 @@ def _collect_changes(dense: relax.Function, pruned: relax.Function, model: str) 
             continue
         node = node_of(name)
         for i, (a, b) in enumerate(zip(old.args, base_new.args)):
+            if a.same_as(b):
+                continue
             ca, cb = _const(a), _const(b)
             if ca is None or cb is None:
                 continue

@@ -417,8 +417,9 @@ def _ridge_fits(m: Moments, kept: np.ndarray, rels: Sequence[float], factor=None
         a = _plus_diagonal(g_kk, lam)
         try:
             r = linalg.cho_solve(linalg.cho_factor(a, check_finite=False), rhs).T
-        except linalg.LinAlgError:  # not positive definite in floating point: least squares
-            r = linalg.lstsq(a, rhs, check_finite=False)[0].T
+        except linalg.LinAlgError:  # not positive definite in floating point: the minimum-norm
+            # least squares (QR with column pivoting: about twice as fast as by the SVD)
+            r = linalg.lstsq(a, rhs, lapack_driver="gelsy", check_finite=False)[0].T
         yield rel, r, my - r @ mx[kept]
 
 
