@@ -30,6 +30,20 @@ def direct_loss(current, dense, weight, kept):
     return float(np.mean(np.sum(resid**2, axis=1)) / np.mean(np.sum((z - z.mean(0)) ** 2, 1)))
 
 
+def same_selection(a, b, unit: int) -> np.ndarray:
+    """Assert that two sets of consumers select alike (kept units and loss curve, at two
+    counts); the kept features at the half-way count."""
+    units = a[0].gram.shape[0] // unit
+    keeps = [units - 1, max(1, units // 2)]
+    kept_a, curve_a = rec.select_path(a, unit, keeps)
+    kept_b, curve_b = rec.select_path(b, unit, keeps)
+    assert kept_a == kept_b
+    np.testing.assert_allclose(
+        [v for _, v in curve_a], [v for _, v in curve_b], rtol=1e-7, atol=1e-9
+    )
+    return np.array([f for k in kept_b[1] for f in range(k * unit, (k + 1) * unit)])
+
+
 def correlated(rng, n, f):
     mix = rng.standard_normal((f, f)) * rng.uniform(0.2, 2.0, size=f)
     return rng.standard_normal((n, f)) @ mix + rng.standard_normal(f)
@@ -246,15 +260,7 @@ def test_selection_and_refit_through_a_narrow_weight_factor_equal_those_through_
     by_factor = [  # the same moments; the consumers' weights W^T as their factor
         rec.ConsumerData(c.name, c.gram, c.fit, c.held, w.T) for c, w in zip(by_gram, readers)
     ]
-    units = features // unit
-    keeps = [units - 1, max(1, units // 2)]
-    kept_g, curve_g = rec.select_path(by_gram, unit, keeps)
-    kept_f, curve_f = rec.select_path(by_factor, unit, keeps)
-    assert kept_f == kept_g
-    np.testing.assert_allclose(
-        [v for _, v in curve_f], [v for _, v in curve_g], rtol=1e-7, atol=1e-9
-    )
-    feats = np.array([f for k in kept_g[1] for f in range(k * unit, (k + 1) * unit)])
+    feats = same_selection(by_factor, by_gram, unit)
     fit_g, fit_f = rec.reconstruct(by_gram[0], feats), rec.reconstruct(by_factor[0], feats)
     assert fit_f.ridge == fit_g.ridge
     assert fit_f.held_out_loss == pytest.approx(fit_g.held_out_loss, rel=1e-7, abs=1e-10)
@@ -285,15 +291,7 @@ def test_moments_projected_through_a_narrow_consumer_select_and_fold_as_full_one
     fit_m.add(current[~held], dense[~held] @ w.T)
     held_m.add(current[held], dense[held] @ w.T)
     projected = rec.ConsumerData("c", full.gram, fit_m, held_m, w.T, projected=True)
-    units = features // unit
-    keeps = [units - 1, max(1, units // 2)]
-    kept_p, curve_p = rec.select_path([projected], unit, keeps)
-    kept_f, curve_f = rec.select_path([full], unit, keeps)
-    assert kept_p == kept_f
-    np.testing.assert_allclose(
-        [v for _, v in curve_p], [v for _, v in curve_f], rtol=1e-7, atol=1e-9
-    )
-    feats = np.array([f for k in kept_f[1] for f in range(k * unit, (k + 1) * unit)])
+    feats = same_selection([projected], [full], unit)
     got, want = rec.reconstruct(projected, feats), rec.reconstruct(full, feats)
     assert got.ridge == want.ridge
     assert got.held_out_loss == pytest.approx(want.held_out_loss, rel=1e-7, abs=1e-10)
