@@ -687,8 +687,8 @@ def collect(
                 if not moments.paired:
                     moments.add(f_c, f_c)
                     continue
-                target, drift = f_c, None
-                if a_d is not a_c and correction != 0:
+                target, drift = f_c, None  # paired moments: correction != 0
+                if a_d is not a_c:
                     f_d = features(a_d, r)[idx]
                     target = f_d if correction == 1 else f_c + correction * (f_d - f_c)
                     if r.residual is not None:
