@@ -38,7 +38,7 @@ from .frontier import Frontier, can_cut
 from .importer import OUT, SUB, node_of
 from .onnx_patch import patch_onnx
 from .probe import probe_module
-from .rewrite import Rewriter, plan_edits
+from .rewrite import FoldCache, Rewriter, plan_edits
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ SENSITIVITY_FRACTIONS = (0.25, 0.5, 0.75, 0.9)  # the points of a group's loss c
 SENSITIVITY_TRIALS = (0.5, 0.9)  # ... measured on the network's output (the rest scaled)
 SENSITIVITY_SAMPLES = 32
 CORRECTIONS = (0.0, 1.0)  # upstream drift a sequential refit corrects: the candidates
-MOMENT_BYTES = 1 << 30  # moments collected in one engine pass, at most
+MOMENT_BYTES = 1 << 30  # moments collected in one engine pass, at most (TVM engine)
 DENSE_CACHE_BYTES = 1 << 30  # dense activations kept between passes, at most
 
 
@@ -273,6 +273,7 @@ class _Engine:
         self._refits: dict = {}  # consumer -> id of the refit the current frontier holds
         self._held: list = []  # the refits _refits names by id, kept alive
         self._consumers: dict[int, set[str]] | None = None  # space -> consumer ONNX nodes
+        self._folds = FoldCache()  # the masked consumers' constants, by their decisions
 
     # -- incremental values (the sequential stages): see .frontier -----------------------
     def outputs_of(self, decided: dict, data: Sequence[Batch], subset: Sequence[Batch]):
@@ -359,7 +360,7 @@ class _Engine:
         if not decided:
             return self.mod
         edits = plan_edits(self.analysis, decided, mask=True)
-        return Rewriter(self.mod, edits, self.analysis, decided).transform()
+        return Rewriter(self.mod, edits, self.analysis, decided, self._folds).transform()
 
     def run(
         self,
@@ -1009,20 +1010,22 @@ def _measure_curves(engine, stages, data, rows, model, settings) -> None:
         if sum(int((x.ids >= 0).sum()) for x in subset) >= SENSITIVITY_SAMPLES:
             break
     dense_out = np.concatenate([out for _, _, out in engine.run({}, [], subset)])
-    budget, chunk = MOMENT_BYTES, []
-    chunks = []
-    for st in stages:
-        size = sum(8 * 2 * r.seg.features**2 for r in st.reads)  # unpaired: fit, held
-        if chunk and budget - size < 0:
+    if engine.incremental(data):  # one walk through the network, a stage's reads at a time
+        chunks = [[st] for st in stages]
+    else:  # each engine pass runs the network up to its reads: few passes, bounded moments
+        chunks, chunk, budget = [], [], MOMENT_BYTES
+        for st in stages:
+            size = sum(8 * 2 * r.seg.features**2 for r in st.reads)  # unpaired: fit, held
+            if chunk and budget - size < 0:
+                chunks.append(chunk)
+                chunk, budget = [], MOMENT_BYTES
+            chunk.append(st)
+            budget -= size
+        if chunk:
             chunks.append(chunk)
-            chunk, budget = [], MOMENT_BYTES
-        chunk.append(st)
-        budget -= size
-    if chunk:
-        chunks.append(chunk)
     for chunk in chunks:
         reads = [r for st in chunk for r in st.reads]
-        datas = collect(engine, {}, reads, data, rows)
+        datas = collect(engine, {}, reads, data, rows, incremental=True)
         k = 0
         for st in chunk:
             mine = datas[k : k + len(st.reads)]

@@ -160,8 +160,57 @@ def plan_edits(analysis: ChannelAnalysis, decided: dict, *, mask: bool = False) 
     return edits
 
 
-def _new_call(call: relax.Call, args: list, edit: _Edit, analysis, decided, consumer: str):
-    """The edited call (built from the already remapped ``args``) and its output bias."""
+class FoldCache:
+    """The folded constants of each edited binding, kept between rewrites of one module
+    with one kind of edits (all masked, or all pruned), so that a binding whose decisions
+    did not change since the last rewrite is not folded again.
+
+    A binding's constants depend only on the plans of the spaces its sites read or write
+    (their kept units, merges and offsets, and the refit of that binding): the entry is
+    reused while those are the same (a refit compared by identity: a new fit is a new
+    :class:`~tvm_qmfrg.plan.Refit`). One entry per binding (the last one).
+    """
+
+    def __init__(self):
+        self._entries: dict[str, tuple] = {}  # binding -> (key, refits held, consts, bias)
+
+    @staticmethod
+    def _key(analysis, sites: list[Site], decided: dict, binding: str) -> tuple[tuple, list]:
+        spaces = sorted({analysis.root[seg.space] for s in sites for seg in s.layout.segments})
+        key, held = [], []
+        for space in spaces:
+            gp = decided.get(space)
+            if gp is None:
+                key.append((space,))
+                continue
+            refit = next((rf for rf in gp.refits if rf.consumer == binding), None)
+            held.append(refit)
+            key.append(
+                (
+                    space,
+                    gp.unit,
+                    tuple(gp.kept),
+                    tuple(gp.merges),
+                    tuple(gp.offsets.items()),
+                    None if refit is None else id(refit),
+                )
+            )
+        return tuple(key), held
+
+    def get(self, analysis, sites, decided, binding: str, make):
+        """``make()`` (the binding's ``(consts, bias)``) or the entry it returned for the
+        same decisions."""
+        key, held = self._key(analysis, sites, decided, binding)
+        entry = self._entries.get(binding)
+        if entry is not None and entry[0] == key:
+            return entry[2], entry[3]
+        consts, bias = make()
+        self._entries[binding] = (key, held, consts, bias)
+        return consts, bias
+
+
+def _new_consts(call: relax.Call, args: list, edit: _Edit, analysis, decided, consumer: str):
+    """The edited constant arguments of ``call`` (by index) and its output bias."""
     arrays = {i: args[i].value.numpy() for i in edit.slices}
     bias = None
     for site in edit.folds:
@@ -181,20 +230,24 @@ def _new_call(call: relax.Call, args: list, edit: _Edit, analysis, decided, cons
         index[axis] = gone
         arr[tuple(index)] = 0
         arrays[i] = arr
-    for i, arr in arrays.items():
-        args[i] = relax.const(np.ascontiguousarray(arr))
+    consts = {i: relax.const(np.ascontiguousarray(arr)) for i, arr in arrays.items()}
     if bias is not None and edit.out_keep is not None:
         bias = bias[edit.out_keep]
+    return consts, bias
+
+
+def _new_call(call: relax.Call, args: list, edit: _Edit) -> relax.Expr:
+    """The edited call, built from the already remapped ``args`` (edited constants in)."""
     name = call.op.name
     if edit.shape is not None:
         axis, size = edit.shape
         dims = list(args[1].values)
         dims[axis] = size
-        return relax.op.reshape(args[0], relax.ShapeExpr(dims)), bias
+        return relax.op.reshape(args[0], relax.ShapeExpr(dims))
     if edit.window is not None and name == "relax.split":
-        return _split(call, args, edit.window[1]), bias
+        return _split(call, args, edit.window[1])
     if edit.window is not None and name == "relax.strided_slice":
-        return _slice(call, args, *edit.window), bias
+        return _slice(call, args, *edit.window)
     if edit.groups is not None and name == "relax.nn.conv2d":
         a = call.attrs
         return relax.op.nn.conv2d(
@@ -208,8 +261,8 @@ def _new_call(call: relax.Call, args: list, edit: _Edit, analysis, decided, cons
             kernel_layout=a.kernel_layout,
             out_layout=a.out_layout,
             out_dtype=a.out_dtype,
-        ), bias
-    return relax.Call(call.op, args, call.attrs, call.ty_args), bias
+        )
+    return relax.Call(call.op, args, call.attrs, call.ty_args)
 
 
 def _split(call: relax.Call, args: list, keep: np.ndarray) -> relax.Expr:
@@ -246,12 +299,13 @@ def _slice(call: relax.Call, args: list, axis: int, keep: np.ndarray) -> relax.E
 class Rewriter(relax.PyExprMutator):
     """Re-emit ``main`` with the edits applied (see module docstring)."""
 
-    def __init__(self, mod: tvm.IRModule, edits: dict, analysis, decided):
+    def __init__(self, mod: tvm.IRModule, edits: dict, analysis, decided, cache=None):
         super().__init__(mod)
         self.mod_ = mod
         self.edits = edits
         self.analysis = analysis
         self.decided = decided
+        self.cache: FoldCache | None = cache  # the folds of earlier rewrites of ``mod``
 
     def visit_var_binding_(self, binding: relax.VarBinding) -> None:
         edit = self.edits.get(binding.var)
@@ -260,9 +314,20 @@ class Rewriter(relax.PyExprMutator):
             return
         call = binding.value
         args = [self.visit_expr(a) for a in call.args]
-        value, bias = _new_call(call, args, edit, self.analysis, self.decided, binding.var.name)
-        output = not isinstance(binding.var, relax.DataflowVar)
         name = binding.var.name
+
+        def make():
+            return _new_consts(call, args, edit, self.analysis, self.decided, name)
+
+        if self.cache is None:
+            consts, bias = make()
+        else:
+            sites = self.analysis.sites[binding.var]
+            consts, bias = self.cache.get(self.analysis, sites, self.decided, name, make)
+        for i, const in consts.items():
+            args[i] = const
+        value = _new_call(call, args, edit)
+        output = not isinstance(binding.var, relax.DataflowVar)
         if bias is not None:
             out = bind_named(self.builder_, value, name + PRUNED_SUFFIX)
             dims = len(out.ty.shape.values)

@@ -1,10 +1,13 @@
 """Calibrated pruning on Relax modules: where refits go, what the engines see, what it buys."""
 
 import logging
+from dataclasses import replace
 
 import numpy as np
 import pytest
+import tvm
 from helpers import compiled, input_shape, load
+from tvm import relax
 from tvm_qmfrg.passes import calibrated
 from tvm_qmfrg.passes.channels import analyze_channels, producer_names
 from tvm_qmfrg.passes.normalize import normalize
@@ -15,7 +18,7 @@ from tvm_qmfrg.passes.prune import (
     producer_name,
     prune_module,
 )
-from tvm_qmfrg.passes.rewrite import Rewriter, plan_edits
+from tvm_qmfrg.passes.rewrite import FoldCache, Rewriter, plan_edits
 
 from tvm_qmfrg import OptionError, reconstruction
 from tvm_qmfrg.onnxio import synthetic
@@ -112,6 +115,64 @@ def test_the_masked_graph_computes_what_the_pruned_graph_computes():
     f_masked, f_pruned = compiled(masked), compiled(pruned)
     for xi in x:
         np.testing.assert_allclose(f_masked(xi[None]), f_pruned(xi[None]), rtol=1e-4, atol=1e-4)
+
+
+def _consts(mod):
+    return {
+        b.var.name: [a for a in b.value.args if isinstance(a, tvm.ir.GenericConst)]
+        for block in mod["main"].body.blocks
+        for b in block.bindings
+        if isinstance(b.value, relax.Call)
+    }
+
+
+def test_a_fold_cache_rewrites_as_a_fresh_rewrite_and_refolds_only_what_changed():
+    model = synthetic.resnet_cifar(seed=2)
+    mod = normalize(load(model))
+    plan, _ = prune_module(
+        mod, flops_reduction=0.4, calibration=samples(16, input_shape(model), 0), onnx_model=model
+    )
+    func = mod["main"]
+    analysis = analyze_channels(func, "resnet_cifar")
+    names = producer_names(func, None)
+    by_name = {g.name: g for g in plan.groups}
+    decided = {
+        sp.id: by_name[producer_name(sp.producers[0], names)]
+        for sp in analysis.prunable()
+        if producer_name(sp.producers[0], names) in by_name
+    }
+    spaces = sorted(decided)
+    first, last = spaces[0], spaces[-1]
+    assert len(spaces) > 2 and decided[last].refits
+    old = decided[last].refits[0]
+    refit = replace(old, r=old.r * 1.5)  # a new fit of one consumer
+    gp = decided[first]
+    swap = min(set(range(gp.units)) - set(gp.kept))  # as many kept units, another set
+    other = replace(gp, kept=sorted([swap, *gp.kept[1:]]))
+    steps = [
+        {s: decided[s] for s in spaces[:2]},
+        decided,
+        {**decided, last: replace(decided[last], refits=[refit, *decided[last].refits[1:]])},
+        {**decided, first: other},
+        decided,
+    ]
+    cache = FoldCache()
+    previous = None
+    for k, step in enumerate(steps):
+        edits = plan_edits(analysis, step, mask=True)
+        fresh = Rewriter(mod, edits, analysis, step).transform()
+        cached = Rewriter(mod, edits, analysis, step, cache).transform()
+        tvm.ir.assert_structural_equal(cached, fresh)
+        consts = _consts(cached)
+        if k == len(steps) - 1:  # back from 'other': the bindings away from 'first' are kept
+            edited = [v.name for v in edits]
+            reused = [
+                n
+                for n in edited
+                if consts[n] and all(a.same_as(b) for a, b in zip(consts[n], previous[n]))
+            ]
+            assert reused
+        previous = consts
 
 
 def test_onnxruntime_and_tvm_collect_the_same_activation_moments():

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import linalg
-from scipy.linalg import blas
+from scipy.linalg import blas, lapack
 
 log = logging.getLogger(__name__)
 
@@ -215,6 +215,19 @@ def _plus_diagonal(a: np.ndarray, lam: float) -> np.ndarray:
     return out
 
 
+def _spd_inverse(a: np.ndarray) -> np.ndarray:
+    """``a^-1`` of a symmetric positive definite ``a`` (F-ordered), by its Cholesky factor
+    (a third of the work of a general inverse); by LU when ``a`` is not positive definite in
+    floating point."""
+    factor, info = lapack.dpotrf(a, lower=1, clean=1)  # the upper triangle zeroed
+    if info == 0:
+        inv, info = lapack.dpotri(factor, lower=1, overwrite_c=1)
+    if info != 0:
+        return np.asfortranarray(np.linalg.inv(a))
+    inv += np.tril(inv, -1).T  # potri fills the lower triangle only
+    return inv
+
+
 def _ridge(g: np.ndarray, rel: float) -> float:
     return rel * max(float(np.trace(g)) / max(g.shape[0], 1), 1e-12)
 
@@ -256,7 +269,7 @@ class _State:
         _, _, g, c, d = datas[0].all.stats()
         weights = [1.0 / x.energy(d) for x in datas]
         # F-ordered, so BLAS updates them in place (H is symmetric: H^T is H)
-        self.h = np.asfortranarray(np.linalg.inv(_plus_diagonal(g, _ridge(g, ridge))))
+        self.h = _spd_inverse(_plus_diagonal(g, _ridge(g, ridge)))
         if datas[0].projected:  # C L itself (projected moments are one consumer's own)
             cl = np.sqrt(weights[0]) * c
         else:
