@@ -50,7 +50,7 @@ SENSITIVITY_FRACTIONS = (0.25, 0.5, 0.75, 0.9)  # the points of a group's loss c
 SENSITIVITY_TRIALS = (0.5, 0.9)  # ... measured on the network's output (the rest scaled)
 SENSITIVITY_SAMPLES = 32
 CORRECTIONS = (0.0, 1.0)  # upstream drift a sequential refit corrects: the candidates
-MOMENT_BYTES = 1 << 30  # moments collected in one engine pass, at most (TVM engine)
+MOMENT_BYTES = 1 << 30  # moments collected in one engine pass, at most
 DENSE_CACHE_BYTES = 1 << 30  # dense activations kept between passes, at most
 
 
@@ -1010,22 +1010,21 @@ def _measure_curves(engine, stages, data, rows, model, settings) -> None:
         if sum(int((x.ids >= 0).sum()) for x in subset) >= SENSITIVITY_SAMPLES:
             break
     dense_out = np.concatenate([out for _, _, out in engine.run({}, [], subset)])
-    if engine.incremental(data):  # one walk through the network, a stage's reads at a time
-        chunks = [[st] for st in stages]
-    else:  # each engine pass runs the network up to its reads: few passes, bounded moments
-        chunks, chunk, budget = [], [], MOMENT_BYTES
-        for st in stages:
-            size = sum(8 * 2 * r.seg.features**2 for r in st.reads)  # unpaired: fit, held
-            if chunk and budget - size < 0:
-                chunks.append(chunk)
-                chunk, budget = [], MOMENT_BYTES
-            chunk.append(st)
-            budget -= size
-        if chunk:
+    # a few streamed passes of the dense network, each up to its reads (a walk of the dense
+    # frontier a stage at a time measured no faster: it keeps a stage's reads over all samples)
+    chunks, chunk, budget = [], [], MOMENT_BYTES
+    for st in stages:
+        size = sum(8 * 2 * r.seg.features**2 for r in st.reads)  # unpaired: fit, held
+        if chunk and budget - size < 0:
             chunks.append(chunk)
+            chunk, budget = [], MOMENT_BYTES
+        chunk.append(st)
+        budget -= size
+    if chunk:
+        chunks.append(chunk)
     for chunk in chunks:
         reads = [r for st in chunk for r in st.reads]
-        datas = collect(engine, {}, reads, data, rows, incremental=True)
+        datas = collect(engine, {}, reads, data, rows)
         k = 0
         for st in chunk:
             mine = datas[k : k + len(st.reads)]
