@@ -94,7 +94,9 @@ def _names_and_calls(func):
             yield b.var.name, b.value
 
 
-def test_the_masked_graph_computes_what_the_pruned_graph_computes():
+def _decided_resnet_cifar():
+    """A calibrated plan of a CIFAR ResNet: the model, its normalized module, the pruned
+    module, its channel analysis and the plan by space id."""
     model = synthetic.resnet_cifar(seed=2)
     mod = normalize(load(model))
     plan, pruned = prune_module(
@@ -103,12 +105,17 @@ def test_the_masked_graph_computes_what_the_pruned_graph_computes():
     func = mod["main"]
     analysis = analyze_channels(func, "resnet_cifar")
     by_name = {g.name: g for g in plan.groups}
-    decided = {}
     names = producer_names(func, None)
+    decided = {}
     for sp in analysis.prunable():
         gp = by_name.get(producer_name(sp.producers[0], names))
         if gp is not None:
             decided[sp.id] = gp
+    return model, mod, pruned, analysis, decided
+
+
+def test_the_masked_graph_computes_what_the_pruned_graph_computes():
+    model, mod, pruned, analysis, decided = _decided_resnet_cifar()
     assert decided
     masked = Rewriter(mod, plan_edits(analysis, decided, mask=True), analysis, decided).transform()
     x = samples(3, input_shape(model), 9)
@@ -127,20 +134,7 @@ def _consts(mod):
 
 
 def test_a_fold_cache_rewrites_as_a_fresh_rewrite_and_refolds_only_what_changed():
-    model = synthetic.resnet_cifar(seed=2)
-    mod = normalize(load(model))
-    plan, _ = prune_module(
-        mod, flops_reduction=0.4, calibration=samples(16, input_shape(model), 0), onnx_model=model
-    )
-    func = mod["main"]
-    analysis = analyze_channels(func, "resnet_cifar")
-    names = producer_names(func, None)
-    by_name = {g.name: g for g in plan.groups}
-    decided = {
-        sp.id: by_name[producer_name(sp.producers[0], names)]
-        for sp in analysis.prunable()
-        if producer_name(sp.producers[0], names) in by_name
-    }
+    _, mod, _, analysis, decided = _decided_resnet_cifar()
     spaces = sorted(decided)
     first, last = spaces[0], spaces[-1]
     assert len(spaces) > 2 and decided[last].refits
