@@ -22,7 +22,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -30,26 +29,12 @@ HERE = Path(__file__).resolve().parent
 
 def _child(name: str, samples: int) -> None:
     """Prune one model with whichever ``tvm_qmfrg`` this process imports; print a JSON line."""
-    from bench_prune import REDUCTION, _samples
-    from tvm_qmfrg.passes.onnx_io import import_model
-    from tvm_qmfrg.passes.prune import prune_module
+    from bench_prune import calibrated
 
+    import tvm_qmfrg
     from tvm_qmfrg.onnxio import synthetic
 
-    model = getattr(synthetic, name)(seed=0)
-    imported = import_model(model, name=name)
-    calibration = _samples(model, samples)
-    t0 = time.perf_counter()
-    plan, _ = prune_module(
-        imported.mod,
-        flops_reduction=REDUCTION,
-        calibration=calibration,
-        onnx_model=imported.prepared.model,
-        model=name,
-    )
-    seconds = time.perf_counter() - t0
-    import tvm_qmfrg
-
+    seconds, plan = calibrated(getattr(synthetic, name)(seed=0), name, samples)
     package = str(Path(tvm_qmfrg.__file__).resolve().parent)
     row = {"seconds": round(seconds, 2), "params_after": plan.params_after, "package": package}
     print(json.dumps(row))
