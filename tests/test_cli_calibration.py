@@ -291,13 +291,21 @@ def test_compile_validates_the_pruned_model_before_it_builds(tmp_path, capsys, d
 # --- the validation metric -----------------------------------------------------------------
 
 
-def matmul_model(weight, in_shape, out_shape):
+def matmul_model(weight, in_shape, out_shape, offset=None):
+    """``output = input @ weight`` (``+ offset`` when given)."""
+    nodes = [helper.make_node("MatMul", ["input", "w"], ["mm"], name="mm")]
+    consts = [numpy_helper.from_array(weight.astype(np.float32), "w")]
+    if offset is None:
+        nodes[0].output[0] = "output"
+    else:
+        nodes.append(helper.make_node("Add", ["mm", "offset"], ["output"], name="add"))
+        consts.append(numpy_helper.from_array(offset.astype(np.float32), "offset"))
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["input", "w"], ["output"], name="mm")],
+        nodes,
         "mm",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, in_shape)],
         [helper.make_tensor_value_info("output", TensorProto.FLOAT, out_shape)],
-        [numpy_helper.from_array(weight.astype(np.float32), "w")],
+        consts,
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
@@ -326,7 +334,37 @@ def test_outputs_that_are_not_class_scores_are_compared_by_mean_cosine():
     cos = np.sum(a * b, axis=1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
     assert got.metric == COSINE and got.samples == 5
     assert got.value == pytest.approx(cos.mean(), abs=1e-5)
-    assert str(got) == f"mean cosine with the dense model {got.value:.3f} (5 samples)"
+    r2 = 1 - np.sum((b - a) ** 2) / np.sum((a - a.mean(axis=0)) ** 2)
+    assert got.r2 == pytest.approx(r2, abs=1e-5)
+    assert str(got) == f"mean cosine with the dense model {got.value:.3f}, R² {r2:.3f} (5 samples)"
+
+
+def test_r2_shows_an_error_that_a_large_constant_output_hides_from_the_cosine():
+    # a detector's output: a large fixed part (the box grid) beside a small one the input moves
+    rng = np.random.default_rng(2)
+    w_dense = rng.standard_normal((4, 3))
+    w_pruned = w_dense + 0.5 * rng.standard_normal((4, 3))
+    x = rng.standard_normal((6, 2, 4)).astype(np.float32)
+    grid = np.full((1, 2, 3), 1000.0, np.float32)  # added by both models
+
+    def compare(offset):
+        dense = matmul_model(w_dense, [1, 2, 4], [1, 2, 3], offset=offset)
+        pruned = matmul_model(w_pruned, [1, 2, 4], [1, 2, 3], offset=offset)
+        return fidelity(dense, pruned, {"input": x}, batch=1)
+
+    bare, shifted = compare(None), compare(grid)
+    assert bare.value < 0.99 and shifted.value > 0.9999  # the grid hides the error
+    assert shifted.r2 == pytest.approx(bare.r2, abs=1e-4) and bare.r2 < 0.99  # R² does not
+
+
+def test_r2_is_left_out_for_one_sample_or_an_output_that_does_not_vary():
+    w = np.random.default_rng(3).standard_normal((4, 3))
+    model = matmul_model(w, [1, 2, 4], [1, 2, 3])
+    one = np.ones((1, 2, 4), np.float32)
+    assert fidelity(model, model, {"input": one}, batch=1).r2 is None
+    same = np.ones((3, 2, 4), np.float32)
+    got = fidelity(model, model, {"input": same}, batch=1)
+    assert got.r2 is None and str(got).endswith("1.000 (3 samples)")
 
 
 def test_sensitivity_allocation_without_calibration_exits_1_with_one_line(capsys):

@@ -305,9 +305,10 @@ def _print_validation(args: argparse.Namespace, imported, pruned_onnx, samples) 
     result = fidelity(imported.prepared.model, pruned_onnx, samples, batch=batch, name=args.model)
     same = bool(args.calibration) and _same_path(args.calibration, args.validate)
     seen = "the calibration data, seen by the pass" if same else "not seen by the pass"
+    r2 = "" if result.r2 is None else f", R² {result.r2:.3f}"
     print(
         f"validation ({sample_count(samples)} samples, {seen}): {result.metric} with the "
-        f"dense model {result.value:.3f}"
+        f"dense model {result.value:.3f}{r2}"
     )
 
 

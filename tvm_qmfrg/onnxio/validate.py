@@ -7,7 +7,14 @@ outputs dropped), and compares their first outputs per sample:
 - ``top-1 agreement`` when the first output is ``(N, classes)`` with more than one class: the
   share of samples on which both models' argmax is the same class;
 - ``mean cosine`` otherwise: the mean over samples of the cosine between the flattened dense
-  and pruned outputs (1 when both are zero, 0 when only one is).
+  and pruned outputs (1 when both are zero, 0 when only one is), and with it ``R²``, the share
+  of the dense output's variation over the samples that the pruned one reproduces,
+
+      R² = 1 - sum_n ||y~_n - y_n||² / sum_n ||y_n - mean_m y_m||²
+
+  (``None`` for fewer than two samples or an output that does not vary). A cosine hides an
+  error in a small part of an output beside a large constant one (a detector's box grid
+  beside its class scores); ``R²`` measures the error against what the input changes.
 """
 
 from __future__ import annotations
@@ -30,9 +37,11 @@ class Fidelity:
     metric: str  # TOP1 or COSINE
     value: float
     samples: int
+    r2: float | None = None  # with COSINE: see the module doc
 
     def __str__(self) -> str:
-        return f"{self.metric} with the dense model {self.value:.3f} ({self.samples} samples)"
+        r2 = "" if self.r2 is None else f", R² {self.r2:.3f}"
+        return f"{self.metric} with the dense model {self.value:.3f}{r2} ({self.samples} samples)"
 
 
 def fidelity(
@@ -67,7 +76,8 @@ def fidelity(
     if dense.ndim == 2 and dense.shape[1] > 1:
         value = float(np.mean(dense.argmax(axis=1) == pruned.argmax(axis=1)))
         return Fidelity(TOP1, value, n)
-    return Fidelity(COSINE, _mean_cosine(dense.reshape(n, -1), pruned.reshape(n, -1)), n)
+    dense, pruned = dense.reshape(n, -1), pruned.reshape(n, -1)
+    return Fidelity(COSINE, _mean_cosine(dense, pruned), n, _r2(dense, pruned))
 
 
 def _first_outputs(
@@ -129,3 +139,12 @@ def _mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
     cos = np.where((na > 0) & (nb > 0), dot / np.maximum(na * nb, np.finfo(np.float64).tiny), 0.0)
     cos = np.where((na == 0) & (nb == 0), 1.0, cos)
     return float(np.mean(np.clip(cos, -1.0, 1.0)))
+
+
+def _r2(dense: np.ndarray, pruned: np.ndarray) -> float | None:
+    """``1 - sum ||pruned - dense||^2 / sum ||dense - mean(dense)||^2`` over the rows."""
+    dense, pruned = dense.astype(np.float64), pruned.astype(np.float64)
+    spread = float(np.sum((dense - dense.mean(axis=0)) ** 2))
+    if dense.shape[0] < 2 or spread <= 0:
+        return None
+    return 1.0 - float(np.sum((pruned - dense) ** 2)) / spread
