@@ -277,14 +277,14 @@ class _Engine:
 
     # -- incremental values (the sequential stages): see .frontier -----------------------
     def outputs_of(self, decided: dict, data: Sequence[Batch], subset: Sequence[Batch]):
-        """The first output of each batch of ``subset`` (batches of ``data``), ``decided``
-        applied: from the frontiers when they hold ``data``."""
+        """The outputs (a list, every graph output) of each batch of ``subset`` (batches of
+        ``data``), ``decided`` applied: from the frontiers when they hold ``data``."""
         if not self.incremental(data):
             return [out for _, _, out in self.run(decided, [], subset)]
-        first = [self.onnx.graph.output[0].name]
-        values = self.current_values(decided, first) if decided else self.dense_values(first)
+        names = [o.name for o in self.onnx.graph.output]
+        values = self.current_values(decided, names) if decided else self.dense_values(names)
         mine = {id(b) for b in subset}
-        return [v[0] for b, v in zip(data, values) if id(b) in mine]
+        return [v for b, v in zip(data, values) if id(b) in mine]
 
     def incremental(self, data: Sequence[Batch]) -> bool:
         """Whether values over ``data`` come from the two frontiers (dense and current),
@@ -370,9 +370,9 @@ class _Engine:
         *,
         output: bool = True,
     ) -> Iterator[tuple[Batch, list[np.ndarray], np.ndarray | None]]:
-        """Per batch: the values of ``wanted`` and the first output (``None`` unless
-        ``output``: onnxruntime then runs only the nodes ``wanted`` depends on), ``decided``
-        applied."""
+        """Per batch: the values of ``wanted`` and the outputs (a list, every graph output;
+        ``None`` unless ``output``: onnxruntime then runs only the nodes ``wanted`` depends
+        on), ``decided`` applied."""
         names = [v.name for v in wanted]
         mod = self.masked(decided)
         if self.kind == "onnxruntime":
@@ -387,10 +387,7 @@ class _Engine:
         vm = relax.VirtualMachine(ex, tvm.cpu())
         for b in data:
             out = vm["main"](*[tvm.runtime.tensor(a) for a in b.inputs])
-            first = out[0]
-            while isinstance(first, tvm.ir.Array | list | tuple):
-                first = first[0]
-            yield b, [out[k + 1].numpy() for k in range(len(names))], first.numpy()
+            yield b, [out[k + 1].numpy() for k in range(len(names))], _leaves(out[0])
 
     def _run_ort(self, mod, names, data, output):
         import onnx
@@ -401,8 +398,8 @@ class _Engine:
         else:  # patch_onnx already returned a fresh copy
             graph = patch_onnx(self.onnx, self.mod, mod, model=self.model)
         tensors = [onnx_tensor(n, graph) for n in names]
-        first = graph.graph.output[0].name
-        fetch = [first, *tensors] if output else tensors
+        outs = [o.name for o in graph.graph.output] if output else []
+        fetch = [*outs, *tensors]
         if not output:
             _keep_only(graph, tensors)
         known = {o.name for o in graph.graph.output}
@@ -413,33 +410,41 @@ class _Engine:
         sess = _session(graph)
         for b in data:
             out = sess.run(fetch, self._feed(sess, b))
-            yield b, (out[1:] if output else out), (out[0] if output else None)
+            yield b, out[len(outs) :], (out[: len(outs)] if output else None)
 
     def _feed(self, sess, b: Batch, extra: Mapping[str, np.ndarray] | None = None) -> dict:
         given = dict(zip(self.input_names, b.inputs), **(extra or {}))
         return {i.name: given[i.name] for i in sess.get_inputs()}
 
     def outputs(self, decided: dict, data: Sequence[Batch], changed: Sequence[relax.Var]):
-        """The first output per batch with ``decided`` applied, where only the bindings
-        ``changed`` differ from the dense model (a masked trial changes only the consumers):
-        onnxruntime runs just the nodes downstream of them, fed the dense values of what they
-        read from upstream (one dense pass, cut to those values)."""
+        """The outputs (a list, every graph output) per batch with ``decided`` applied, where
+        only the bindings ``changed`` differ from the dense model (a masked trial changes only
+        the consumers): onnxruntime runs just the nodes downstream of them, fed the dense
+        values of what they read from upstream (one dense pass, cut to those values); an
+        output they do not reach is its dense value."""
         import onnx
 
         if self.kind != "onnxruntime":
             return [out for _, _, out in self.run(decided, [], data)]
         graph = patch_onnx(self.onnx, self.mod, self.masked(decided), model=self.model)
-        first = graph.graph.output[0].name
+        names = [o.name for o in graph.graph.output]
         cross = _cut_after(graph, {node_of(v.name) for v in changed}, self.onnx)
         if cross is None:  # left whole: run it as it is
             sess = _session(graph)
-            return [sess.run([first], self._feed(sess, b))[0] for b in data]
+            return [sess.run(names, self._feed(sess, b)) for b in data]
+        reached = [o.name for o in graph.graph.output]
+        unreached = [t for t in names if t not in reached]
         upstream = [dict(zip(cross, v)) for v in self._trial_inputs(data).values(cross)]
+        dense = [dict(zip(unreached, v)) for v in self._trial_inputs(data).values(unreached)]
         for t, a in upstream[0].items():
             elem = onnx.helper.np_dtype_to_tensor_dtype(a.dtype)
             graph.graph.input.append(onnx.helper.make_tensor_value_info(t, elem, a.shape))
         sess = _session(graph)
-        return [sess.run([first], self._feed(sess, b, up))[0] for b, up in zip(data, upstream)]
+        out = []
+        for b, up, same in zip(data, upstream, dense):
+            got = dict(zip(reached, sess.run(reached, self._feed(sess, b, up))), **same)
+            out.append([got[t] for t in names])
+        return out
 
     def _trial_inputs(self, data: Sequence[Batch]) -> Frontier:
         """The dense values over ``data`` that trials read from upstream: one frontier over
@@ -473,9 +478,9 @@ def _has_subgraphs(g) -> bool:
 
 def _cut_after(model, start: set, original) -> list[str] | None:
     """Cut ``model`` (``original`` with some nodes changed or added) down to the nodes
-    downstream of the ``start`` nodes and of the added ones; return the tensors they read
-    from the nodes cut away (to be fed), or ``None`` when it cannot be cut (subgraphs, or the
-    first output is not downstream)."""
+    downstream of the ``start`` nodes and of the added ones, with the outputs among them;
+    return the tensors they read from the nodes cut away (to be fed), or ``None`` when it
+    cannot be cut (subgraphs, or no output is downstream)."""
     g = model.graph
     if _has_subgraphs(g):
         return None
@@ -485,7 +490,7 @@ def _cut_after(model, start: set, original) -> list[str] | None:
         if node.name in start or node.name not in old or any(i in made for i in node.input):
             keep.append(node)
             made.update(node.output)
-    if g.output[0].name not in made:
+    if not any(o.name in made for o in g.output):
         return None
     outer = {t.name for t in g.initializer} | {i.name for i in g.input}
     cross = sorted({i for n in keep for i in n.input if i and i not in made and i not in outer})
@@ -722,10 +727,27 @@ def _target_maps(read: Read, projected: bool, dtype) -> tuple[np.ndarray | None,
     return read.factor.astype(dtype), lift
 
 
-def _output_error(got: np.ndarray, want: np.ndarray) -> float:
-    """``||y - y_dense||^2 / ||y_dense - mean||^2`` over the samples."""
-    w = want.astype(np.float64)
-    return float(np.sum((got - w) ** 2) / max(np.sum((w - w.mean(axis=0)) ** 2), 1e-30))
+def _output_error(got: Sequence[np.ndarray], want: Sequence[np.ndarray]) -> float:
+    """The mean over the graph's outputs of ``||y - y_dense||^2 / ||y_dense - mean||^2``
+    over the samples (each output's error against its own variation: a detector's boxes and
+    a second head weigh alike)."""
+    errors = []
+    for g, w in zip(got, want, strict=True):
+        w = w.astype(np.float64)
+        errors.append(float(np.sum((g - w) ** 2) / max(np.sum((w - w.mean(axis=0)) ** 2), 1e-30)))
+    return sum(errors) / len(errors)
+
+
+def _stack(per_batch: Sequence[Sequence[np.ndarray]]) -> list[np.ndarray]:
+    """Per-batch output lists -> one array per output, the batches concatenated."""
+    return [np.concatenate(parts) for parts in zip(*per_batch, strict=True)]
+
+
+def _leaves(value) -> list[np.ndarray]:
+    """The tensors of a VM result (nested tuples flattened, in order)."""
+    if isinstance(value, tvm.ir.Array | list | tuple):
+        return [leaf for v in value for leaf in _leaves(v)]
+    return [value.numpy()]
 
 
 # ---- the pass --------------------------------------------------------------------------
@@ -934,19 +956,17 @@ def _choose_correction(engine, stages, data, rows, model, settings, t0) -> dict:
     if not held:
         return _decide(engine, stages, data, rows, model, settings, 1.0, t0)
 
-    def held_rows(b: Batch, out: np.ndarray) -> np.ndarray:
+    def held_rows(b: Batch, outs: Sequence[np.ndarray]) -> list[np.ndarray]:
         mine = (b.ids >= 0) & (b.ids % HELD_OUT_EVERY == HELD_OUT_EVERY - 1)
-        return out[mine] if out.shape[:1] == b.ids.shape else out
+        return [out[mine] if out.shape[:1] == b.ids.shape else out for out in outs]
 
     candidates = []
     for c in CORRECTIONS:
         decided = _decide(engine, stages, data, rows, model, settings, c, t0, refit_all=False)
         got = [held_rows(b, out) for b, out in zip(held, engine.outputs_of(decided, data, held))]
-        candidates.append((c, decided, np.concatenate(got)))
+        candidates.append((c, decided, _stack(got)))
     # the dense outputs last: the frontier of the dense network is then near the end
-    want = np.concatenate(
-        [held_rows(b, out) for b, out in zip(held, engine.outputs_of({}, data, held))]
-    )
+    want = _stack([held_rows(b, out) for b, out in zip(held, engine.outputs_of({}, data, held))])
     best = None
     for c, decided, got in candidates:
         err = _output_error(got, want)
@@ -1009,7 +1029,7 @@ def _measure_curves(engine, stages, data, rows, model, settings) -> None:
         subset.append(b)
         if sum(int((x.ids >= 0).sum()) for x in subset) >= SENSITIVITY_SAMPLES:
             break
-    dense_out = np.concatenate([out for _, _, out in engine.run({}, [], subset)])
+    dense_out = _stack([out for _, _, out in engine.run({}, [], subset)])
     # a few streamed passes of the dense network, each up to its reads (a walk of the dense
     # frontier a stage at a time measured no faster: it keeps a stage's reads over all samples)
     chunks, chunk, budget = [], [], MOMENT_BYTES
@@ -1059,7 +1079,7 @@ def _curve(engine, st: Stage, mine, subset, dense_out, model, settings):
             continue
         trial = {st.space: _plan_of(st, kept, mine, model, settings)}
         got = engine.outputs(trial, subset, [r.consumer for r in st.reads])
-        errors[keep] = _output_error(np.concatenate(got), dense_out)
+        errors[keep] = _output_error(_stack(got), dense_out)
         ratios.append(
             (1 - keep / units, np.log((errors[keep] + 1e-12) / (own[units - keep] + 1e-12)))
         )

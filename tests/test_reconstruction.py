@@ -4,7 +4,7 @@ import itertools
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from tvm_qmfrg import reconstruction as rec
@@ -219,6 +219,39 @@ def test_sensitivity_allocation_leaves_a_fixed_group_at_its_count():
     )
     assert keep[0] == 9  # the cheap group would go first, but it is held
     assert 1 - (keep[0] + keep[1]) * 10 / 200 >= 0.3
+
+
+def test_sensitivity_allocation_gives_back_what_a_coarse_last_step_overshoots():
+    # group 0 prunes in whole heads of 5 units; group 1 is cheap for its first 2 units only
+    heads = [(0.5, 0.05)]
+    fine = [(0.2, 0.001), (0.5, 1.0)]
+    keep = rec.allocate([heads, fine], [10, 10], two_group_flops(), 0.3, [1, 1], [5, 1])
+    # greedy: two units of group 1 (10 %), then a head (25 %): 35 %; one unit goes back
+    assert keep == [5, 9]
+    assert 1 - sum(keep) * 10 / 200 == pytest.approx(0.3)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    target=st.floats(0.05, 0.7),
+    steps=st.lists(st.sampled_from([1, 2, 3, 5]), min_size=2, max_size=2),
+)
+def test_sensitivity_allocation_reaches_the_target_and_no_unit_could_go_back(seed, target, steps):
+    rng = np.random.default_rng(seed)
+    curves = [
+        list(zip([0.25, 0.5, 0.75, 0.9], np.cumsum(rng.random(4)).tolist())) for _ in range(2)
+    ]
+    flops = two_group_flops()
+    assume(target <= 1 - sum(steps) / 20)  # reachable: each group keeps one step at least
+    keep = rec.allocate(curves, [10, 10], flops, target, [1, 1], steps)
+    reduction = 1 - flops.flops(keep) / flops.total
+    assert reduction >= target
+    for g in range(2):  # one more step of any group would miss the target
+        if keep[g] < 10:
+            more = keep.copy()
+            more[g] = min(10, keep[g] + steps[g])
+            assert 1 - flops.flops(more) / flops.total < target
 
 
 @settings(max_examples=30, deadline=None)

@@ -498,6 +498,8 @@ def allocate(
     ``flops`` is a :class:`~tvm_qmfrg.selection.FlopsModel`. Greedy on the marginal loss per
     FLOP removed, in chunks of ``chunk`` of a group's units (at least its ``steps``); no
     group goes past its last measured fraction unless the target cannot be reached otherwise.
+    Then units go back (one step of a group at a time, the largest loss saved first) while
+    the target still holds, so a coarse last step does not overshoot it.
     ``fixed[g]``: group ``g`` keeps that many units whatever its curve (one without a curve).
     """
     n = len(units)
@@ -560,4 +562,22 @@ def allocate(
         _, g, new, saved = best
         keep[g] = new
         current -= saved
-    return keep
+    # the last step can pass the target by a whole coarse unit (an attention head): give
+    # units back, the largest loss saved first, while the target still holds
+    while True:
+        best = None
+        for g in range(n):
+            if g in fixed or keep[g] >= units[g]:
+                continue
+            trial = keep.copy()
+            trial[g] = min(units[g], keep[g] + steps[g])
+            added = group_flops(g, trial) - group_flops(g, keep)
+            if 1.0 - (current + added) / total < target:
+                continue
+            gain = loss(g, keep[g]) - loss(g, trial[g])
+            if best is None or gain > best[0]:
+                best = (gain, g, trial[g], added)
+        if best is None:
+            return keep
+        _, g, keep[g], added = best
+        current += added
