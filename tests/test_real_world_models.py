@@ -3,7 +3,9 @@
 For every model: it imports (shape chains folded, inputs static), ``sparsity=0`` changes
 nothing (TVM and the exported ONNX in onnxruntime match the original model in onnxruntime),
 and 20% / 30% FLOPs cuts export a model that runs in onnxruntime, matches TVM (checked by
-``export_model``) and reaches the target within one point.
+``export_model``) and reaches the target within one point. For the corpus models, a
+calibrated 30% cut does the same and follows the dense model more closely than the data-free
+cut on inputs the pass did not see.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from tvm_qmfrg.passes.prune import prune_module
 
 from tests.corpus.idioms import CORPUS, INPUT_SHAPES
 from tests.corpus.pretrained import PRETRAINED
+from tests.corpus.scoring import held_out_error, outputs, synthetic_inputs
 from tvm_qmfrg.onnxio.runtime import output_error, run_onnx
 
 CASES = [pytest.param(("corpus", k), id=k) for k in CORPUS] + [
@@ -68,3 +71,24 @@ def test_a_flops_cut_exports_an_onnx_model_that_matches_tvm_and_reaches_the_targ
     assert [x for x in after if x in before] == before  # every node kept, in order
     extra = [x for x in after if x not in before]  # only bias compensation after a MatMul
     assert all(op == "Add" and name.endswith("/compensation") for name, op in extra)
+
+
+@pytest.mark.parametrize("key", list(CORPUS))
+def test_a_calibrated_cut_exports_and_beats_the_data_free_cut_on_held_out_inputs(key):
+    model, shapes = _load(("corpus", key))
+    imp = import_model(model, shapes, name=key)
+    held = synthetic_inputs(shapes, 32, seed=2)
+    dense = outputs(imp.prepared.model, held)
+    _, free = prune_module(imp.mod, flops_reduction=0.3, model=key)
+    plan, calibrated = prune_module(
+        imp.mod,
+        flops_reduction=0.3,
+        calibration=synthetic_inputs(shapes, 64, seed=1),
+        onnx_model=imp.prepared.model,
+        model=key,
+    )
+    assert 0.3 <= plan.flops_reduction <= 0.32
+    exported = export_model(imp, calibrated)  # raises unless onnxruntime matches TVM
+    cal_error = held_out_error(dense, outputs(exported, held))
+    free_error = held_out_error(dense, outputs(export_model(imp, free), held))
+    assert cal_error < free_error
