@@ -13,7 +13,7 @@ from PIL import Image
 from tvm_qmfrg.apps.datasets import load_digits_splits
 from tvm_qmfrg.cli import main
 from tvm_qmfrg.onnxio.reader import default_model_path
-from tvm_qmfrg.onnxio.validate import COSINE, TOP1, Fidelity, fidelity
+from tvm_qmfrg.onnxio.validate import COSINE, TOP1, Fidelity, describe, fidelity
 
 MODEL = default_model_path()
 VALIDATION = re.compile(
@@ -316,10 +316,10 @@ def test_top1_agreement_pads_the_last_batch_and_counts_every_sample_once():
     x = rng.standard_normal((7, 4)).astype(np.float32)  # batches of 3: 3 + 3 + 1 (padded)
     dense = matmul_model(w_dense, [3, 4], [3, 3])
     pruned = matmul_model(w_pruned, [3, 4], [3, 3])
-    got = fidelity(dense, pruned, {"input": x}, batch=3)
+    (got,) = fidelity(dense, pruned, {"input": x}, batch=3)
     want = np.mean((x @ w_dense).argmax(axis=1) == (x @ w_pruned).argmax(axis=1))
-    assert got == Fidelity(TOP1, pytest.approx(want), 7)
-    assert fidelity(dense, dense, {"input": x}, batch=3).value == 1.0
+    assert got == Fidelity(TOP1, pytest.approx(want), 7, output="output")
+    assert fidelity(dense, dense, {"input": x}, batch=3)[0].value == 1.0
 
 
 def test_outputs_that_are_not_class_scores_are_compared_by_mean_cosine():
@@ -329,7 +329,7 @@ def test_outputs_that_are_not_class_scores_are_compared_by_mean_cosine():
     x = rng.standard_normal((5, 2, 4)).astype(np.float32)
     dense = matmul_model(w_dense, [1, 2, 4], [1, 2, 3])
     pruned = matmul_model(w_pruned, [1, 2, 4], [1, 2, 3])
-    got = fidelity(dense, pruned, {"input": x}, batch=1)
+    (got,) = fidelity(dense, pruned, {"input": x}, batch=1)
     a, b = (x @ w_dense).reshape(5, -1), (x @ w_pruned).reshape(5, -1)
     cos = np.sum(a * b, axis=1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
     assert got.metric == COSINE and got.samples == 5
@@ -350,20 +350,54 @@ def test_r2_shows_an_error_that_a_large_constant_output_hides_from_the_cosine():
     def compare(offset):
         dense = matmul_model(w_dense, [1, 2, 4], [1, 2, 3], offset=offset)
         pruned = matmul_model(w_pruned, [1, 2, 4], [1, 2, 3], offset=offset)
-        return fidelity(dense, pruned, {"input": x}, batch=1)
+        return fidelity(dense, pruned, {"input": x}, batch=1)[0]
 
     bare, shifted = compare(None), compare(grid)
     assert bare.value < 0.99 and shifted.value > 0.9999  # the grid hides the error
     assert shifted.r2 == pytest.approx(bare.r2, abs=1e-4) and bare.r2 < 0.99  # R² does not
 
 
+def test_every_output_of_a_two_headed_model_is_compared_and_named():
+    rng = np.random.default_rng(4)
+    w_dense = rng.standard_normal((4, 3))
+    w_pruned = w_dense + 0.3 * rng.standard_normal((4, 3))
+    x = rng.standard_normal((5, 4)).astype(np.float32)
+
+    def two_heads(w):  # "scores" (5 classes) and "boxes" (one box of 3 values per sample)
+        graph = helper.make_graph(
+            [
+                helper.make_node("MatMul", ["input", "w"], ["mm"], name="mm"),
+                helper.make_node("Unsqueeze", ["mm", "axis"], ["boxes"], name="box"),
+                helper.make_node("MatMul", ["input", "v"], ["scores"], name="cls"),
+            ],
+            "two",
+            [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 4])],
+            [
+                helper.make_tensor_value_info("scores", TensorProto.FLOAT, [1, 5]),
+                helper.make_tensor_value_info("boxes", TensorProto.FLOAT, [1, 1, 3]),
+            ],
+            [
+                numpy_helper.from_array(w.astype(np.float32), "w"),
+                numpy_helper.from_array(np.eye(4, 5, dtype=np.float32), "v"),
+                numpy_helper.from_array(np.array([1], np.int64), "axis"),
+            ],
+        )
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+    scores, boxes = fidelity(two_heads(w_dense), two_heads(w_pruned), {"input": x}, batch=1)
+    assert (scores.output, scores.metric, scores.value) == ("scores", TOP1, 1.0)
+    assert (boxes.output, boxes.metric) == ("boxes", COSINE) and boxes.value < 1.0
+    assert describe([scores, boxes]) == f"scores: {scores.measure()}; boxes: {boxes.measure()}"
+    assert describe([boxes]) == boxes.measure()
+
+
 def test_r2_is_left_out_for_one_sample_or_an_output_that_does_not_vary():
     w = np.random.default_rng(3).standard_normal((4, 3))
     model = matmul_model(w, [1, 2, 4], [1, 2, 3])
     one = np.ones((1, 2, 4), np.float32)
-    assert fidelity(model, model, {"input": one}, batch=1).r2 is None
+    assert fidelity(model, model, {"input": one}, batch=1)[0].r2 is None
     same = np.ones((3, 2, 4), np.float32)
-    got = fidelity(model, model, {"input": same}, batch=1)
+    (got,) = fidelity(model, model, {"input": same}, batch=1)
     assert got.r2 is None and str(got).endswith("1.000 (3 samples)")
 
 

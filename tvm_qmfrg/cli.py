@@ -298,18 +298,14 @@ def _calibration_args(calibration, imported) -> dict:
 def _print_validation(args: argparse.Namespace, imported, pruned_onnx, samples) -> None:
     """Print how the pruned ONNX follows the dense (prepared) one on the --validate data."""
     from .calibration_data import sample_count
-    from .onnxio.validate import fidelity
+    from .onnxio.validate import describe, fidelity
 
     print("validating the pruned model against the dense one in onnxruntime ...", flush=True)
     batch = int(next(iter(imported.input_shapes.values()))[0])
-    result = fidelity(imported.prepared.model, pruned_onnx, samples, batch=batch, name=args.model)
+    results = fidelity(imported.prepared.model, pruned_onnx, samples, batch=batch, name=args.model)
     same = bool(args.calibration) and _same_path(args.calibration, args.validate)
     seen = "the calibration data, seen by the pass" if same else "not seen by the pass"
-    r2 = "" if result.r2 is None else f", R² {result.r2:.3f}"
-    print(
-        f"validation ({sample_count(samples)} samples, {seen}): {result.metric} with the "
-        f"dense model {result.value:.3f}{r2}"
-    )
+    print(f"validation ({sample_count(samples)} samples, {seen}): {describe(results)}")
 
 
 def _same_path(a: str, b: str) -> bool:

@@ -2,7 +2,7 @@
 
 :func:`fidelity` runs both models in onnxruntime over the same samples, in batches of the
 models' static batch size (the last batch padded by repeating its last sample, the padded
-outputs dropped), and compares their first outputs per sample:
+outputs dropped), and compares each of their outputs per sample:
 
 - ``top-1 agreement`` when the first output is ``(N, classes)`` with more than one class: the
   share of samples on which both models' argmax is the same class;
@@ -32,16 +32,28 @@ COSINE = "mean cosine"
 
 @dataclass(frozen=True)
 class Fidelity:
-    """One number comparing a pruned model with its dense original."""
+    """How one output of a pruned model follows its dense original."""
 
     metric: str  # TOP1 or COSINE
     value: float
     samples: int
     r2: float | None = None  # with COSINE: see the module doc
+    output: str = ""  # the output's name
+
+    def measure(self) -> str:
+        """``"<metric> with the dense model <value>[, R² <r2>]"``."""
+        r2 = "" if self.r2 is None else f", R² {self.r2:.3f}"
+        return f"{self.metric} with the dense model {self.value:.3f}{r2}"
 
     def __str__(self) -> str:
-        r2 = "" if self.r2 is None else f", R² {self.r2:.3f}"
-        return f"{self.metric} with the dense model {self.value:.3f}{r2} ({self.samples} samples)"
+        return f"{self.measure()} ({self.samples} samples)"
+
+
+def describe(results: list[Fidelity]) -> str:
+    """One line for every output: the measure alone for one output, else each named."""
+    if len(results) == 1:
+        return results[0].measure()
+    return "; ".join(f"{r.output}: {r.measure()}" for r in results)
 
 
 def fidelity(
@@ -51,8 +63,9 @@ def fidelity(
     *,
     batch: int,
     name: str = "model",
-) -> Fidelity:
-    """Compare ``pruned_model`` with ``dense_model`` on ``samples`` (see module doc).
+) -> list[Fidelity]:
+    """Compare every output of ``pruned_model`` with ``dense_model``'s on ``samples`` (see
+    module doc), in the dense model's output order.
 
     ``samples`` maps every input name to an array whose leading axis counts the samples
     (:func:`tvm_qmfrg.calibration_data.load_samples`); ``batch`` is the models' static batch
@@ -66,26 +79,36 @@ def fidelity(
     n = next(iter(counts.values()))
     if n == 0 or len(set(counts.values())) > 1:
         raise OptionError(f"{name}: validation inputs need one non-zero sample count ({counts})")
-    dense = _first_outputs(dense_model, samples, n, batch, f"{name} (dense)")
-    pruned = _first_outputs(pruned_model, samples, n, batch, f"{name} (pruned)")
+    names = [o.name for o in dense_model.graph.output]
+    if [o.name for o in pruned_model.graph.output] != names:
+        raise GraphError(f"{name}: the pruned model's outputs are not the dense model's {names}")
+    dense_outs = _outputs(dense_model, samples, n, batch, f"{name} (dense)")
+    pruned_outs = _outputs(pruned_model, samples, n, batch, f"{name} (pruned)")
+    return [
+        _compare(out, dense, pruned, n, name)
+        for out, dense, pruned in zip(names, dense_outs, pruned_outs)
+    ]
+
+
+def _compare(output: str, dense: np.ndarray, pruned: np.ndarray, n: int, name: str) -> Fidelity:
     if dense.shape != pruned.shape:
         raise GraphError(
-            f"{name}: the pruned model's first output has shape {pruned.shape[1:]} per sample, "
-            f"the dense model's {dense.shape[1:]}"
+            f"{name}: the pruned model's output '{output}' has shape {pruned.shape[1:]} per "
+            f"sample, the dense model's {dense.shape[1:]}"
         )
     if dense.ndim == 2 and dense.shape[1] > 1:
         value = float(np.mean(dense.argmax(axis=1) == pruned.argmax(axis=1)))
-        return Fidelity(TOP1, value, n)
+        return Fidelity(TOP1, value, n, output=output)
     dense, pruned = dense.reshape(n, -1), pruned.reshape(n, -1)
-    return Fidelity(COSINE, _mean_cosine(dense, pruned), n, _r2(dense, pruned))
+    return Fidelity(COSINE, _mean_cosine(dense, pruned), n, _r2(dense, pruned), output)
 
 
-def _first_outputs(
+def _outputs(
     model: onnx.ModelProto, samples: dict[str, np.ndarray], n: int, batch: int, name: str
-) -> np.ndarray:
-    """The model's first output for every sample, stacked: ``(n, *per-sample shape)``."""
+) -> list[np.ndarray]:
+    """The model's outputs for every sample, each stacked: ``(n, *per-sample shape)``."""
     run = _session(model, name)
-    chunks = []
+    chunks: list[list[np.ndarray]] = []
     for start in range(0, n, batch):
         stop = min(start + batch, n)
         feed = {}
@@ -95,23 +118,27 @@ def _first_outputs(
                 pad = np.repeat(part[-1:], batch - (stop - start), axis=0)
                 part = np.concatenate([part, pad], axis=0)
             feed[key] = part
-        out = np.asarray(run(feed))
-        if out.ndim >= 1 and out.shape[0] == batch:
-            out = out[: stop - start]
-        elif batch == 1:  # no batch axis on the output: the whole output is one sample's
-            out = out[None]
-        else:
-            raise GraphError(
-                f"{name}: first output has shape {out.shape}, not one row per sample of a "
-                f"batch of {batch}"
-            )
-        chunks.append(out)
-    return np.concatenate(chunks, axis=0)
+        chunk = []
+        for output, out in zip(run.outputs, run(feed)):
+            out = np.asarray(out)
+            if out.ndim >= 1 and out.shape[0] == batch:
+                out = out[: stop - start]
+            elif batch == 1:  # no batch axis on the output: the whole output is one sample's
+                out = out[None]
+            else:
+                raise GraphError(
+                    f"{name}: output '{output}' has shape {out.shape}, not one row per sample "
+                    f"of a batch of {batch}"
+                )
+            chunk.append(out)
+        chunks.append(chunk)
+    return [np.concatenate(parts, axis=0) for parts in zip(*chunks)]
 
 
 def _session(model: onnx.ModelProto, name: str):
-    """One onnxruntime session (CPU) for all batches: ``f(feed) -> first output``; a model it
-    rejects is a :class:`GraphError`, as in :func:`.runtime.run_onnx`."""
+    """One onnxruntime session (CPU) for all batches: ``f(feed) -> outputs`` (their names in
+    ``f.outputs``); a model it rejects is a :class:`GraphError`, as in
+    :func:`.runtime.run_onnx`."""
     import onnxruntime as ort
 
     def failed(exc: Exception) -> GraphError:
@@ -121,14 +148,15 @@ def _session(model: onnx.ModelProto, name: str):
         sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own exception types
         raise failed(exc) from exc
-    first = sess.get_outputs()[0].name
+    names = [o.name for o in sess.get_outputs()]
 
-    def run(feed: dict) -> np.ndarray:
+    def run(feed: dict) -> list[np.ndarray]:
         try:
-            return sess.run([first], feed)[0]
+            return sess.run(names, feed)
         except Exception as exc:
             raise failed(exc) from exc
 
+    run.outputs = names
     return run
 
 
