@@ -369,7 +369,7 @@ class _Engine:
         data: Sequence[Batch],
         *,
         output: bool = True,
-    ) -> Iterator[tuple[Batch, list[np.ndarray], np.ndarray | None]]:
+    ) -> Iterator[tuple[Batch, list[np.ndarray], list[np.ndarray] | None]]:
         """Per batch: the values of ``wanted`` and the outputs (a list, every graph output;
         ``None`` unless ``output``: onnxruntime then runs only the nodes ``wanted`` depends
         on), ``decided`` applied."""
@@ -727,20 +727,37 @@ def _target_maps(read: Read, projected: bool, dtype) -> tuple[np.ndarray | None,
     return read.factor.astype(dtype), lift
 
 
-def _output_error(got: Sequence[np.ndarray], want: Sequence[np.ndarray]) -> float:
+def _output_error(
+    got: Sequence[np.ndarray | None], want: Sequence[np.ndarray | None], model: str = "model"
+) -> float:
     """The mean over the graph's outputs of ``||y - y_dense||^2 / ||y_dense - mean||^2``
     over the samples (each output's error against its own variation: a detector's boxes and
-    a second head weigh alike)."""
+    a second head weigh alike; an output that hardly varies, against a millionth of its
+    energy). Outputs :func:`_stack` could not stack (not floating point, or of a shape that
+    changes with the input, as after a non-maximum suppression) are left out."""
     errors = []
     for g, w in zip(got, want, strict=True):
+        if g is None or w is None or g.shape != w.shape:
+            continue
         w = w.astype(np.float64)
-        errors.append(float(np.sum((g - w) ** 2) / max(np.sum((w - w.mean(axis=0)) ** 2), 1e-30)))
+        spread = max(float(np.sum((w - w.mean(axis=0)) ** 2)), 1e-6 * float(np.sum(w * w)), 1e-30)
+        errors.append(float(np.sum((g - w) ** 2)) / spread)
+    if not errors:
+        raise GraphError(
+            f"{model}: no output of floating point and fixed shape to measure pruning by"
+        )
     return sum(errors) / len(errors)
 
 
-def _stack(per_batch: Sequence[Sequence[np.ndarray]]) -> list[np.ndarray]:
-    """Per-batch output lists -> one array per output, the batches concatenated."""
-    return [np.concatenate(parts) for parts in zip(*per_batch, strict=True)]
+def _stack(per_batch: Sequence[Sequence[np.ndarray]]) -> list[np.ndarray | None]:
+    """Per-batch output lists -> one array per output, the batches concatenated (``None``
+    for an output that is not floating point or whose shape changes between batches)."""
+    out = []
+    for parts in zip(*per_batch, strict=True):
+        same = all(p.shape == parts[0].shape for p in parts)  # batches are padded to size
+        floating = all(np.issubdtype(p.dtype, np.floating) for p in parts)
+        out.append(np.concatenate(parts) if same and floating else None)
+    return out
 
 
 def _leaves(value) -> list[np.ndarray]:
@@ -969,7 +986,7 @@ def _choose_correction(engine, stages, data, rows, model, settings, t0) -> dict:
     want = _stack([held_rows(b, out) for b, out in zip(held, engine.outputs_of({}, data, held))])
     best = None
     for c, decided, got in candidates:
-        err = _output_error(got, want)
+        err = _output_error(got, want, model)
         log.info("%s: refit correction %g: held-out output error %.4g", model, c, err)
         if best is None or err < best[0]:
             best = (err, c, decided)
@@ -1079,7 +1096,7 @@ def _curve(engine, st: Stage, mine, subset, dense_out, model, settings):
             continue
         trial = {st.space: _plan_of(st, kept, mine, model, settings)}
         got = engine.outputs(trial, subset, [r.consumer for r in st.reads])
-        errors[keep] = _output_error(_stack(got), dense_out)
+        errors[keep] = _output_error(_stack(got), dense_out, model)
         ratios.append(
             (1 - keep / units, np.log((errors[keep] + 1e-12) / (own[units - keep] + 1e-12)))
         )

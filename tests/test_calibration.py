@@ -22,7 +22,7 @@ from tvm_qmfrg.passes.prune import (
 from tvm_qmfrg.passes.rewrite import FoldCache, Rewriter, plan_edits
 
 from tests.corpus.idioms import CORPUS
-from tvm_qmfrg import OptionError, reconstruction
+from tvm_qmfrg import GraphError, OptionError, reconstruction
 from tvm_qmfrg.onnxio import synthetic
 from tvm_qmfrg.onnxio.runtime import run_onnx
 from tvm_qmfrg.onnxio.synthetic import GraphBuilder
@@ -537,3 +537,28 @@ def test_every_output_of_a_two_headed_model_keeps_its_function():
         g = np.stack([o[k] for o in got])
         error = np.sum((g - w) ** 2) / np.sum((w - w.mean(axis=0)) ** 2)
         assert error < 0.1, f"{name}: held-out error {error:.3f} of its variation"
+
+
+def test_the_output_error_averages_outputs_and_leaves_out_what_it_cannot_compare():
+    rng = np.random.default_rng(0)
+    boxes = rng.standard_normal((6, 4))
+    scores = rng.standard_normal((6, 3))
+    off = scores + 0.1 * rng.standard_normal((6, 3))
+    box_error = 0.0
+    score_error = np.sum((off - scores) ** 2) / np.sum((scores - scores.mean(axis=0)) ** 2)
+    # a variable-length output (after an NMS) and integer indices: stacked as None, left out
+    batches = [
+        [boxes[:3], scores[:3], np.zeros((2, 4)), np.arange(3)],
+        [boxes[3:], scores[3:], np.zeros((5, 4)), np.arange(3)],
+    ]
+    want = calibrated._stack(batches)
+    assert want[2] is None and want[3] is None
+    got = [boxes, off, None, None]
+    error = calibrated._output_error(got, want)
+    assert error == pytest.approx((box_error + score_error) / 2)
+    # an output that does not vary over the samples is measured against its energy
+    grid = np.ones((6, 2))
+    near = calibrated._output_error([grid + 1e-4], [grid])
+    assert near == pytest.approx(1e-8 * 12 / (1e-6 * 12))
+    with pytest.raises(GraphError, match="m: no output of floating point and fixed shape"):
+        calibrated._output_error([None], [None], "m")
