@@ -25,7 +25,6 @@ the pruned module (:func:`tvm_qmfrg.passes.onnx_patch.check_against`).
 
 from __future__ import annotations
 
-import functools
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -64,25 +63,12 @@ def _out_shapes(func: relax.Function) -> dict[str, list[int]]:
     shapes = {}
     for block in func.body.blocks:
         for b in block.bindings:
-            dims = _static_shape(b.var)
-            if dims is not None:
-                shapes[b.var.name] = list(dims)
+            ty = b.var.ty
+            if isinstance(ty, relax.TensorType) and ty.shape is not None:
+                dims = ty.shape.values
+                if all(isinstance(d, tvm.tirx.IntImm) for d in dims):
+                    shapes[b.var.name] = [int(d) for d in dims]
     return shapes
-
-
-@functools.lru_cache(maxsize=1 << 16)
-def _static_shape(var: relax.Var) -> tuple[int, ...] | None:
-    """The dims of a binding's tensor type when its shape is static, else None (cached by the
-    variable, whose type never changes: the calibrated pass patches many modules that share
-    most of their bindings, and reading dims through the FFI costs more than the rest of the
-    patch)."""
-    ty = var.ty
-    if not isinstance(ty, relax.TensorType) or ty.shape is None:
-        return None
-    dims = list(ty.shape.values)
-    if not all(isinstance(d, tvm.tirx.IntImm) for d in dims):
-        return None
-    return tuple(int(d) for d in dims)
 
 
 def _const(expr) -> np.ndarray | None:
