@@ -31,6 +31,7 @@ from tvm import relax
 
 from tvm_qmfrg import reconstruction as rec
 from tvm_qmfrg.errors import GraphError, OptionError
+from tvm_qmfrg.metrics import unexplained_variance
 from tvm_qmfrg.plan import GroupPlan, Refit
 
 from .channels import ChannelAnalysis, Segment, Site
@@ -735,13 +736,11 @@ def _output_error(
     a second head weigh alike; an output that hardly varies, against a millionth of its
     energy). Outputs :func:`_stack` could not stack (not floating point, or of a shape that
     changes with the input, as after a non-maximum suppression) are left out."""
-    errors = []
-    for g, w in zip(got, want, strict=True):
-        if g is None or w is None or g.shape != w.shape:
-            continue
-        w = w.astype(np.float64)
-        spread = max(float(np.sum((w - w.mean(axis=0)) ** 2)), 1e-6 * float(np.sum(w * w)), 1e-30)
-        errors.append(float(np.sum((g - w) ** 2)) / spread)
+    errors = [
+        unexplained_variance(w, g, relative_floor=1e-6)
+        for g, w in zip(got, want, strict=True)
+        if g is not None and w is not None and g.shape == w.shape
+    ]
     if not errors:
         raise GraphError(
             f"{model}: no output of floating point and fixed shape to measure pruning by"

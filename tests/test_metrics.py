@@ -19,6 +19,7 @@ from tvm_qmfrg.metrics import (
     rank_for_angle,
     spectral_gap,
     truncation_angle,
+    unexplained_variance,
     wasserstein2,
 )
 from tvm_qmfrg.spectral import normalize, operator_spectrum, singular_values
@@ -215,3 +216,16 @@ def test_distances_reject_degenerate_vectors(bad, reason):
 def test_normalize_rejects_zero_rows():
     with pytest.raises(WeightError, match="zero vector"):
         normalize(np.array([[1.0, 0.0], [0.0, 0.0]]))
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10_000), n=st.integers(2, 12), d=st.integers(1, 6))
+def test_unexplained_variance_is_zero_when_exact_and_one_for_the_mean_output(seed, n, d):
+    want = np.random.default_rng(seed).standard_normal((n, d))
+    assert unexplained_variance(want, want) == 0.0
+    mean = np.broadcast_to(want.mean(axis=0), want.shape)
+    assert unexplained_variance(want, mean) == pytest.approx(1.0)
+    # a constant offset is all error: ``n ||c||^2`` over the spread
+    c = np.ones(d)
+    spread = np.sum((want - want.mean(axis=0)) ** 2)
+    assert unexplained_variance(want, want + c) == pytest.approx(n * d / spread)

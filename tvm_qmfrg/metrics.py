@@ -18,6 +18,12 @@ Bounds (DESIGN.md, "The mathematics"):
   ``||V[:, j]|| * ||w_j|| * sin(theta_ij)`` per unit input, see :func:`merge_error_bound`.
 
 Vectors of different length are zero-padded to one length for FS and fidelity.
+
+Outputs of a pruned model against the dense one, over ``n`` samples (rows):
+
+- unexplained variance  ``sum_n ||y~_n - y_n||^2 / sum_n ||y_n - mean_m y_m||^2`` (``1 - R^2``:
+  0 exact, 1 as far off as always answering the mean output), see
+  :func:`unexplained_variance`.
 """
 
 from __future__ import annotations
@@ -239,3 +245,15 @@ def best_scale(w_i: np.ndarray, w_j: np.ndarray) -> tuple[float, float]:
         raise OptionError(f"direct check needs equal shapes, got {a.shape} and {b.shape}")
     c = float(np.vdot(a, b) / np.vdot(a, a))
     return c, float(np.linalg.norm(b - c * a) / np.linalg.norm(b))
+
+
+def unexplained_variance(want: np.ndarray, got: np.ndarray, relative_floor: float = 0.0) -> float:
+    """``sum ||got - want||^2 / max(sum ||want - mean want||^2, relative_floor * sum ||want||^2)``
+    over the rows (axis 0, the samples): ``1 - R^2`` of ``got`` as a prediction of ``want``.
+    ``relative_floor`` keeps an output that hardly varies from magnifying round-off; a
+    denominator of zero is taken as ``1e-30``."""
+    w = np.asarray(want, dtype=np.float64)
+    spread = float(np.sum((w - w.mean(axis=0)) ** 2))
+    if relative_floor:
+        spread = max(spread, relative_floor * float(np.sum(w * w)))
+    return float(np.sum((got - w) ** 2)) / max(spread, 1e-30)

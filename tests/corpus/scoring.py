@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
+from tvm_qmfrg.metrics import unexplained_variance
+
 
 def synthetic_inputs(shapes: dict, n: int, seed: int) -> dict[str, np.ndarray]:
     """``n`` seeded float32 samples per input (leading axis): for an image ``(1, C, H, W)``,
@@ -39,8 +41,4 @@ def held_out_error(dense: list[np.ndarray], pruned: list[np.ndarray]) -> float:
     """Mean over the outputs of ``sum ||y - y_dense||^2 / sum ||y_dense - mean||^2`` over the
     samples: the share of each output's variation the pruned model gets wrong (``1 - R^2``;
     0 is exact, 1 as far off as always answering the mean output)."""
-    errors = [
-        float(np.sum((p - d) ** 2) / max(np.sum((d - d.mean(axis=0)) ** 2), 1e-30))
-        for d, p in zip(dense, pruned)
-    ]
-    return float(np.mean(errors))
+    return float(np.mean([unexplained_variance(d, p) for d, p in zip(dense, pruned)]))

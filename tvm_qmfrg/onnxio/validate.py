@@ -25,6 +25,7 @@ import numpy as np
 import onnx
 
 from ..errors import GraphError, OptionError, one_line
+from ..metrics import unexplained_variance
 
 TOP1 = "top-1 agreement"
 COSINE = "mean cosine"
@@ -107,7 +108,7 @@ def _outputs(
     model: onnx.ModelProto, samples: dict[str, np.ndarray], n: int, batch: int, name: str
 ) -> list[np.ndarray]:
     """The model's outputs for every sample, each stacked: ``(n, *per-sample shape)``."""
-    run = _session(model, name)
+    names, run = _session(model, name)
     chunks: list[list[np.ndarray]] = []
     for start in range(0, n, batch):
         stop = min(start + batch, n)
@@ -119,7 +120,7 @@ def _outputs(
                 part = np.concatenate([part, pad], axis=0)
             feed[key] = part
         chunk = []
-        for output, out in zip(run.outputs, run(feed)):
+        for output, out in zip(names, run(feed)):
             out = np.asarray(out)
             if out.ndim >= 1 and out.shape[0] == batch:
                 out = out[: stop - start]
@@ -136,8 +137,8 @@ def _outputs(
 
 
 def _session(model: onnx.ModelProto, name: str):
-    """One onnxruntime session (CPU) for all batches: ``f(feed) -> outputs`` (their names in
-    ``f.outputs``); a model it rejects is a :class:`GraphError`, as in
+    """One onnxruntime session (CPU) for all batches: ``(output names, f)`` with
+    ``f(feed) -> outputs``; a model it rejects is a :class:`GraphError`, as in
     :func:`.runtime.run_onnx`."""
     import onnxruntime as ort
 
@@ -156,8 +157,7 @@ def _session(model: onnx.ModelProto, name: str):
         except Exception as exc:
             raise failed(exc) from exc
 
-    run.outputs = names
-    return run
+    return names, run
 
 
 def _mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -171,8 +171,6 @@ def _mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 def _r2(dense: np.ndarray, pruned: np.ndarray) -> float | None:
     """``1 - sum ||pruned - dense||^2 / sum ||dense - mean(dense)||^2`` over the rows."""
-    dense, pruned = dense.astype(np.float64), pruned.astype(np.float64)
-    spread = float(np.sum((dense - dense.mean(axis=0)) ** 2))
-    if dense.shape[0] < 2 or spread <= 0:
+    if dense.shape[0] < 2 or np.all(dense == dense[0]):
         return None
-    return 1.0 - float(np.sum((pruned - dense) ** 2)) / spread
+    return 1.0 - unexplained_variance(dense, pruned.astype(np.float64))
